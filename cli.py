@@ -1,0 +1,79 @@
+"""wanda_pl command line: ``python cli.py {prune,validate,fit,assets} --help``.
+
+Subcommands are Trainer methods (LightningCLI's contract); ``prune`` is the one we add.
+``assets`` needs no model, so it is dispatched before LightningCLI parses anything.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Optional
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningCLI
+
+from wanda_pl.callbacks import Calibration, Pruning
+from wanda_pl.data.text_module import TextDataModule
+from wanda_pl.modules.causal_lm import CausalLM
+
+
+class WandaTrainer(Trainer):
+    def prune(self, model, datamodule, output_dir: str = "outputs/prune", save_model: bool = False,
+              validate_dense: bool = True) -> dict:
+        """Calibrate, prune, validate dense and pruned, write report.json.
+
+        Args:
+            output_dir: where report.json, calibration_ids.pt and (with save_model) the pruned model go;
+                written atomically, replaced only when the run succeeds.
+            save_model: also save the pruned model as a Hugging Face folder (output_dir/model).
+            validate_dense: measure the dense perplexity first (the baseline in the report).
+        """
+        from wanda_pl.commands import prune
+
+        return prune(self, model, datamodule, output_dir, save_model, validate_dense, getattr(self, "run_config", None))
+
+
+class WandaCLI(LightningCLI):
+    @staticmethod
+    def subcommands():
+        return {**LightningCLI.subcommands(), "prune": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(Pruning, "pruning")
+        parser.add_lightning_class_args(Calibration, "calibration")
+        parser.link_arguments("seed_everything", "data.seed")
+
+    def before_prune(self) -> None:
+        cfg = self.config[self.subcommand]
+        self.trainer.run_config = json.loads(json.dumps(cfg.as_dict(), default=str))
+
+
+def main(args: Optional[list] = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    logging.basicConfig(level=os.environ.get("WANDA_PL_LOG", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv[:1] == ["assets"]:
+        from wanda_pl.data.assets import ensure_all
+
+        if len(argv) > 1:
+            sys.exit("usage: python cli.py assets   (fetch and verify every embedded asset; prints {name: path} as JSON)")
+        print(json.dumps(ensure_all(), indent=2))
+        return
+    WandaCLI(
+        CausalLM,
+        TextDataModule,
+        trainer_class=WandaTrainer,
+        seed_everything_default=0,
+        save_config_callback=None,
+        trainer_defaults={
+            "accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
+            "use_distributed_sampler": False, "num_sanity_val_steps": 0, "enable_model_summary": False,
+        },
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

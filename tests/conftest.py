@@ -1,0 +1,90 @@
+"""Tiny models built in the test (well under 1M parameters) and offline tokenizers."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
+    "To be or not to be, that is the question. All that glitters is not gold. "
+    "The rain in Spain stays mainly in the plain. Knowledge is power, and time is money. "
+) * 8
+
+
+def make_tokenizer(vocab_size: int = 256):
+    """A byte-level BPE tokenizer trained on a few sentences, fully offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def tiny_config(family: str, vocab_size: int = 256):
+    """A random config of ``family`` with hidden 64, 2 layers (< 1M parameters)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, max_position_embeddings=256)
+    if family == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, **common)
+    if family == "mistral":
+        return tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, sliding_window=None, **common)
+    if family == "qwen2":
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, **common)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=vocab_size, n_positions=256)
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                            word_embed_proj_dim=64, **common)
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt")
+
+
+def tiny_model(family: str = "llama", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, tokenizer):
+    """family -> a saved Hugging Face folder (model + tokenizer)."""
+    out = {}
+    for family in FAMILIES:
+        d = tmp_path_factory.mktemp(f"tiny-{family}")
+        tiny_model(family).save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        out[family] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "text.txt"
+    p.write_text(TEXT * 4)
+    return p

@@ -1,0 +1,4 @@
+from .calibration import Calibration
+from .pruning import Pruning
+
+__all__ = ["Calibration", "Pruning"]

@@ -1,0 +1,100 @@
+"""The bodies of the CLI subcommands that Lightning's Trainer does not have.
+
+They run in every process under DDP (Lightning relaunches the script per rank), so all
+the heavy work happens inside ``trainer.validate``/``fit`` hooks; only rank 0 writes."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from .callbacks import Pruning
+from .report import overall_sparsity, layer_sparsity, peak_memory, sparsity_table, staged_dir, versions, write_json
+
+log = logging.getLogger(__name__)
+
+
+def _pruning_callback(trainer) -> Pruning:
+    found = [c for c in trainer.callbacks if isinstance(c, Pruning)]
+    if not found:
+        raise RuntimeError("the prune command needs the Pruning callback (the CLI adds it as --pruning.*)")
+    return found[0]
+
+
+def _validate(trainer, model, datamodule) -> float:
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    return model.last_ppl
+
+
+def prune(
+    trainer,
+    model,
+    datamodule,
+    output_dir: str = "outputs/prune",
+    save_model: bool = False,
+    validate_dense: bool = True,
+    config: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Calibrate, prune, validate dense and pruned, and write ``report.json`` (+ ids, model)."""
+    t_start = time.perf_counter()
+    pruning = _pruning_callback(trainer)
+    pruning.enabled = False
+    # Everything that can be wrong with the input fails here, before any long work.
+    datamodule.connect(model.tokenizer, model.max_length)
+    pruning.check(model)
+    protect = [model.path] if Path(model.path).exists() else []
+    calib_ids = datamodule.calibration_ids()
+    datamodule.evaluation_ids()
+
+    with staged_dir(Path(output_dir), protect) as stage:
+        t0 = time.perf_counter()
+        ppl_dense = _validate(trainer, model, datamodule) if validate_dense else None
+        t_eval = time.perf_counter() - t0
+
+        pruning.enabled = True
+        t0 = time.perf_counter()
+        ppl = _validate(trainer, model, datamodule)
+        t_pruned_total = time.perf_counter() - t0
+        times = pruning.times
+        t_eval += t_pruned_total - times["prune"]
+
+        targets = model.all_targets()
+        layers = layer_sparsity(targets)
+        report = {
+            **model.describe(),
+            **pruning.describe(),
+            **datamodule.describe(),
+            "actual_sparsity": overall_sparsity(targets),
+            "ppl_dense": ppl_dense,
+            "ppl": ppl,
+            "time_s": {
+                "calibration": round(times["calibration_data"] + times["prune_forward"], 3),
+                "prune": round(times["prune_metric"], 3),
+                "eval": round(t_eval, 3),
+                "total": round(time.perf_counter() - t_start, 3),
+            },
+            "peak_memory_mb": peak_memory(),
+            "devices": trainer.world_size,
+            "versions": versions(),
+            "layers": layers,
+            "config": config,
+        }
+        if trainer.is_global_zero:
+            torch.save(calib_ids, stage / "calibration_ids.pt")
+            if save_model:
+                model.model.save_pretrained(stage / "model", safe_serialization=True)
+                model.tokenizer.save_pretrained(stage / "model")
+            write_json(stage / "report.json", report)
+            print(sparsity_table(layers))
+            dense = "n/a" if ppl_dense is None else f"{ppl_dense:.3f}"
+            print(
+                f"{report['model']}: {report['method']} {report['sparsity_type']} {report['sparsity_ratio']:g} -> "
+                f"actual sparsity {report['actual_sparsity']:.4f}; perplexity dense {dense}, pruned {ppl:.3f} "
+                f"({report['evaluation']}, {report['eval_windows']} x {report['seqlen']} tokens)"
+            )
+    if trainer.is_global_zero:
+        print(f"report: {Path(output_dir) / 'report.json'}")
+    return report

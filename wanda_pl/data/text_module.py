@@ -1,0 +1,113 @@
+"""LightningDataModule for causal-LM calibration, evaluation and fine-tuning text."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .text import calibration_windows, evaluation_windows, load_text
+
+log = logging.getLogger(__name__)
+
+
+def shard(n: int, rank: int, world: int) -> range:
+    """Items ``rank, rank + world, ...``: every item on exactly one rank, none repeated (a
+    DistributedSampler pads with duplicates, which would bias a perplexity)."""
+    return range(rank, n, world)
+
+
+class TextDataModule(L.LightningDataModule):
+    """Calibration windows and evaluation windows of token ids.
+
+    Args:
+        calibration: text source for calibration (and fine-tuning): ``wikipedia`` | ``wikitext2`` | ``c4`` | a path.
+        evaluation: text source for perplexity, same choices.
+        nsamples: number of calibration windows.
+        seqlen: tokens per window, for calibration and evaluation alike.
+        seed: seed of the calibration sampling (``random.seed`` as the reference); linked to ``seed_everything``.
+        max_eval_windows: evaluate only the first windows (None: all of them, as the paper).
+        batch_size: windows per evaluation / training batch.
+    """
+
+    def __init__(
+        self,
+        calibration: str = "wikipedia",
+        evaluation: str = "wikipedia",
+        nsamples: int = 128,
+        seqlen: int = 2048,
+        seed: int = 0,
+        max_eval_windows: Optional[int] = None,
+        batch_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if nsamples < 1:
+            raise ValueError(f"data.nsamples must be >= 1, got {nsamples}")
+        if seqlen < 2:
+            raise ValueError(f"data.seqlen must be >= 2, got {seqlen}")
+        if max_eval_windows is not None and max_eval_windows < 1:
+            raise ValueError(f"data.max_eval_windows must be >= 1 or null, got {max_eval_windows}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.calibration, self.evaluation = calibration, evaluation
+        self.nsamples, self.seqlen, self.seed = nsamples, seqlen, seed
+        self.max_eval_windows, self.batch_size = max_eval_windows, batch_size
+        self.tokenizer = None
+        self._calib: Optional[torch.Tensor] = None
+        self._eval: Optional[torch.Tensor] = None
+
+    def connect(self, tokenizer, max_length: Optional[int] = None) -> None:
+        """Late facts from the model: its tokenizer and the longest sequence it supports."""
+        self.tokenizer = tokenizer
+        if max_length is not None and self.seqlen > max_length:
+            raise ValueError(f"data.seqlen={self.seqlen} is longer than the model supports ({max_length} positions)")
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None and self.trainer is not None:
+            module = self.trainer.lightning_module
+            self.connect(module.tokenizer, getattr(module, "max_length", None))
+
+    def _need_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError("TextDataModule has no tokenizer yet: call connect(tokenizer) or attach it to a Trainer")
+
+    def calibration_ids(self) -> torch.Tensor:
+        """(nsamples, seqlen) token ids, drawn once and kept (the exact ids calibrated on)."""
+        if self._calib is None:
+            self._need_tokenizer()
+            text = load_text(self.calibration, "calibration")
+            self._calib = calibration_windows(text, self.tokenizer, self.nsamples, self.seqlen, self.seed)
+        return self._calib
+
+    def evaluation_ids(self) -> torch.Tensor:
+        if self._eval is None:
+            self._need_tokenizer()
+            text = load_text(self.evaluation, "evaluation")
+            self._eval = evaluation_windows(text, self.tokenizer, self.seqlen, self.max_eval_windows)
+        return self._eval
+
+    def _rank_world(self):
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def val_dataloader(self) -> DataLoader:
+        ids = self.evaluation_ids()
+        rank, world = self._rank_world()
+        idx = torch.tensor(list(shard(len(ids), rank, world)), dtype=torch.long)
+        return DataLoader(TensorDataset(ids[idx]), batch_size=self.batch_size, shuffle=False)
+
+    def train_dataloader(self) -> DataLoader:
+        ids = self.calibration_ids()
+        rank, world = self._rank_world()
+        idx = torch.tensor(list(shard(len(ids), rank, world)), dtype=torch.long)
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(TensorDataset(ids[idx]), batch_size=self.batch_size, shuffle=True, generator=gen)
+
+    def describe(self) -> dict:
+        return {
+            "calibration": self.calibration, "evaluation": self.evaluation, "nsamples": self.nsamples,
+            "seqlen": self.seqlen, "seed": self.seed, "max_eval_windows": self.max_eval_windows,
+            "eval_windows": None if self._eval is None else len(self._eval),
+        }

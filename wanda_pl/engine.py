@@ -1,0 +1,115 @@
+"""The one block-sequential pruning engine, shared by every method and architecture.
+
+For each block in order: hook its prunable layers and run every calibration sample
+through it (pass 1, statistics), prune all its layers at once, then re-run the pruned
+block (pass 2) so the next block calibrates on the activations it will really see.
+``propagate=False`` skips pass 2 and feeds the dense outputs forward instead (the vision
+reference's behaviour); a method that needs no activations (magnitude) runs no forward
+pass at all. Activations live on ``store_device`` (CPU by default) between blocks, while
+each block runs on its own device, so calibration memory on the accelerator is one block.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .hooks import BlockInput, collect_stats
+from .methods import Method, PruneOptions
+from .sparsity import SparsitySpec
+from .stats import weight_matrix
+
+log = logging.getLogger(__name__)
+
+TargetsFn = Callable[[str, nn.Module], Dict[str, nn.Module]]
+
+
+@dataclass
+class PruneResult:
+    masks: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> bool, shaped like module.weight
+    time_metric_s: float = 0.0  # mask + weight-update computation only (how the paper timed methods)
+    time_forward_s: float = 0.0
+
+
+def param_mask(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """A mask over ``weight_matrix(module)`` reshaped like ``module.weight``."""
+    if type(module).__name__ == "Conv1D":
+        return mask.t().contiguous()
+    return mask.reshape(module.weight.shape)
+
+
+def check_targets(targets: Dict[str, nn.Module], spec: SparsitySpec) -> None:
+    """Fail before any work if a layer cannot take ``spec`` (N:M needs M to divide the input width)."""
+    if not targets:
+        raise ValueError("no prunable layers were selected; check the targets / ignore patterns")
+    for name, module in targets.items():
+        spec.check_width(weight_matrix(module).shape[1], name)
+
+
+def _device(block: nn.Module, default) -> torch.device:
+    p = next(block.parameters(), None)
+    return p.device if p is not None else torch.device(default)
+
+
+def prune_layers(
+    targets: Dict[str, nn.Module], stats: Dict, method: Method, spec: SparsitySpec, options: PruneOptions, result: PruneResult
+) -> None:
+    """Compute and apply every target's mask in place (weights keep their dense shape and dtype)."""
+    for name, module in targets.items():
+        w = weight_matrix(module)
+        t0 = time.perf_counter()
+        mask, new_w = method(w.detach().float(), stats.get(name), spec, options)
+        if w.is_cuda:
+            torch.cuda.synchronize(w.device)
+        result.time_metric_s += time.perf_counter() - t0
+        with torch.no_grad():
+            if new_w is not None:
+                w.copy_(new_w.to(w.dtype))
+            w.masked_fill_(mask.to(w.device), 0)
+        result.masks[name] = param_mask(module, mask).cpu()
+
+
+def prune_sequential(
+    blocks: Sequence[Tuple[str, nn.Module]],
+    inputs: List[BlockInput],
+    targets_fn: TargetsFn,
+    method: Method,
+    spec: SparsitySpec,
+    options: PruneOptions = PruneOptions(),
+    *,
+    propagate: bool = True,
+    store_device="cpu",
+    progress: bool = True,
+) -> PruneResult:
+    """Prune ``blocks`` in order; ``inputs`` are the captured inputs of the first block."""
+    result = PruneResult()
+    all_targets = [targets_fn(name, block) for name, block in blocks]
+    check_targets({k: v for t in all_targets for k, v in t.items()}, spec)
+    if not method.needs_activations:
+        for targets in tqdm(all_targets, desc=f"{method.name}: layers", disable=not progress):
+            prune_layers(targets, {}, method, spec, options, result)
+        return result
+
+    bar = tqdm(list(zip(blocks, all_targets)), desc=f"{method.name}: blocks", disable=not progress)
+    for (name, block), targets in bar:
+        device = _device(block, store_device)
+        t0 = time.perf_counter()
+        with torch.no_grad(), collect_stats(targets, method.needs_hessian) as stats:
+            outs = [inp.call(block, device).to(store_device) for inp in inputs]
+        result.time_forward_s += time.perf_counter() - t0
+        prune_layers(targets, stats, method, spec, options, result)
+        del stats
+        if propagate:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                outs = [inp.call(block, device).to(store_device) for inp in inputs]
+            result.time_forward_s += time.perf_counter() - t0
+        for inp, out in zip(inputs, outs):
+            inp.hidden = out
+        bar.set_postfix_str(name)
+    return result

@@ -1,0 +1,41 @@
+"""Resolving user-given names: embedded assets, local paths, or Hugging Face hub ids."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+EMBEDDED_MODELS = ("smollm2-135m",)
+EMBEDDED_TEXT = ("wikipedia",)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def looks_like_path(name: str) -> bool:
+    # A hub id is "name" or "org/name"; anything more path-like is treated as a local path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith((".txt", ".jsonl", ".pt", ".json"))
+
+
+def hub_error(what: str, name: str, err: Exception, embedded) -> ValueError:
+    mode = "HF_HUB_OFFLINE is set" if offline() else "the hub could not be reached or does not have it"
+    return ValueError(
+        f"could not load {what} {name!r} from the Hugging Face hub ({mode}): {type(err).__name__}: {str(err)[:300]}\n"
+        f"Without the hub, use a local path or an embedded name: {', '.join(embedded)}"
+    )
+
+
+def resolve_model(name_or_path: str) -> str:
+    """An embedded model name -> its cached folder; a local path -> checked; else a hub id (unchanged)."""
+    if name_or_path in EMBEDDED_MODELS:
+        from .data.assets import ensure
+
+        return str(ensure(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {str(path)!r} has no config.json; expected a Hugging Face model folder")
+        return str(path)
+    if looks_like_path(name_or_path):
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
+    return name_or_path

@@ -1,0 +1,26 @@
+"""Wanda (Sun et al., 2023, arXiv 2306.11695): prune by weights and activations.
+
+Score ``S[i, j] = |W[i, j]| * sqrt(mean over samples of ||X_j||^2)`` for W (out x in);
+compared per output row by default (each row loses its lowest ``int(in * s)``), or N:M
+along input columns; ``use_variant`` picks a per-row cumulative-score threshold instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..sparsity import select_mask
+from . import Method, register
+
+
+def wanda_score(weight: torch.Tensor, scaler_row: torch.Tensor) -> torch.Tensor:
+    return weight.abs() * torch.sqrt(scaler_row.to(weight.device)).unsqueeze(0)
+
+
+def wanda(weight, stats, spec, options):
+    if stats is None:
+        raise ValueError("wanda needs calibration statistics")
+    score = wanda_score(weight, stats.scaler_row)
+    return select_mask(score, spec, options.granularity or "row", options.use_variant), None
+
+
+register(Method("wanda", wanda, default_granularity="row", supports_variant=True))

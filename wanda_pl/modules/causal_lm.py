@@ -1,0 +1,143 @@
+"""LightningModule around a Hugging Face causal LM: perplexity validation, fine-tuning loss."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..adapters import find_blocks, select_targets
+from ..hooks import BlockInput, capture_inputs
+from ..hub import EMBEDDED_MODELS, hub_error, resolve_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer, resolved path) for an embedded name, local folder or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if path == name_or_path and "/" not in name_or_path and not path.startswith("."):
+            raise ValueError(
+                f"{name_or_path!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}), a local folder, "
+                f"or a model the hub could give: {err}"
+            ) from err
+        raise hub_error("model", name_or_path, err, EMBEDDED_MODELS) from err
+    model.config.use_cache = False
+    model.eval()
+    return model, tokenizer, path
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of each window, fp32: shape (batch,)."""
+    shift = logits[:, :-1].float()
+    nll = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return nll.view(ids.shape[0], -1).mean(dim=1)
+
+
+class CausalLM(L.LightningModule):
+    """A Hugging Face causal LM to prune, validate (perplexity) and fine-tune.
+
+    Args:
+        name_or_path: embedded name (``smollm2-135m``), local Hugging Face folder, or hub id
+            (``meta-llama/Llama-2-7b-hf``).
+        dtype: weights dtype: float32 | bfloat16 | float16 (statistics are always fp32).
+        trust_remote_code: passed to ``from_pretrained``.
+        targets: regexes of the linear layers to prune inside the decoder blocks (None: all of them).
+        ignore: regexes of layers never to prune.
+        learning_rate: for fine-tuning (``fit``).
+        weight_decay: for fine-tuning (AdamW).
+    """
+
+    def __init__(
+        self,
+        name_or_path: str = "smollm2-135m",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        targets: Optional[List[str]] = None,
+        ignore: Optional[List[str]] = None,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model, self.tokenizer, self.path = load_causal_lm(name_or_path, dtype, trust_remote_code)
+        self.max_length = getattr(self.model.config, "max_position_embeddings", None)
+        self._nll = torch.zeros(())
+        self._windows = torch.zeros(())
+        self.last_ppl: Optional[float] = None
+
+    # --- pruning plan (architecture knowledge stays in adapters) ---
+    def prunable_blocks(
+        self, calibration: Optional[torch.Tensor], store_device="cpu"
+    ) -> Tuple[List[Tuple[str, nn.Module]], List[BlockInput]]:
+        """The decoder blocks in order and the captured inputs of the first (none without calibration)."""
+        prefix, blocks = find_blocks(self.model)
+        named = [(f"{prefix}.{i}", b) for i, b in enumerate(blocks)]
+        if calibration is None:
+            return named, []
+        device = next(self.model.parameters()).device
+        inputs = capture_inputs(
+            self.model, blocks[0], calibration.split(1),
+            lambda m, ids: m(input_ids=ids.to(device), use_cache=False), store_device,
+        )
+        return named, inputs
+
+    def block_targets(self, name: str, block: nn.Module) -> Dict[str, nn.Module]:
+        return select_targets(block, name, self.hparams.targets, self.hparams.ignore or ())
+
+    def all_targets(self) -> Dict[str, nn.Module]:
+        prefix, blocks = find_blocks(self.model)
+        out: Dict[str, nn.Module] = {}
+        for i, b in enumerate(blocks):
+            out.update(self.block_targets(f"{prefix}.{i}", b))
+        return out
+
+    # --- perplexity, as the paper: exp(mean over windows of the window's mean NLL) ---
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def on_validation_epoch_start(self) -> None:
+        self._nll = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._windows = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        (ids,) = batch
+        nll = window_nll(self(ids), ids)
+        self._nll += nll.double().sum()
+        self._windows += ids.shape[0]
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._nll.clone(), reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._windows.clone(), reduce_op="sum")
+        if float(count) == 0:
+            return
+        self.last_ppl = math.exp(float(total) / float(count))
+        self.log("ppl", self.last_ppl, prog_bar=True, rank_zero_only=False, sync_dist=False)
+
+    # --- fine-tuning ---
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        (ids,) = batch
+        loss = window_nll(self(ids), ids).mean()
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"model": self.hparams.name_or_path, "model_path": self.path, "dtype": self.hparams.dtype}

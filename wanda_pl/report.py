@@ -1,0 +1,109 @@
+"""What decides a number is written next to it: sparsity, versions, atomic outputs, tables."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+
+
+def layer_sparsity(targets: Mapping[str, nn.Module]) -> Dict[str, float]:
+    return {name: float((m.weight == 0).sum()) / m.weight.numel() for name, m in targets.items()}
+
+
+def overall_sparsity(targets: Mapping[str, nn.Module]) -> float:
+    """Zeros over all prunable weights (weighted by size, not a mean of layer ratios)."""
+    zeros = sum(int((m.weight == 0).sum()) for m in targets.values())
+    total = sum(m.weight.numel() for m in targets.values())
+    return zeros / max(total, 1)
+
+
+def versions() -> Dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("torch", "lightning", "transformers", "datasets", "timm", "lm_eval", "torchmetrics", "peft"):
+        mod = sys.modules.get(pkg)
+        if mod is None:
+            try:
+                from importlib.metadata import version
+
+                out[pkg] = version(pkg.replace("_", "-"))
+            except Exception:  # noqa: BLE001 - a missing optional package is just not recorded
+                continue
+        else:
+            out[pkg] = getattr(mod, "__version__", "?")
+    from importlib.metadata import version as _v
+
+    out["wanda_pl"] = _v("wanda_pl")
+    return out
+
+
+def peak_memory() -> Dict[str, float]:
+    """Peak resident memory of this process (MB) and, on CUDA, peak allocated device memory."""
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"cpu_rss_mb": round(rss_kb / 1024, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def staged_dir(output_dir: Path, protect: Iterator[str] = ()) -> Iterator[Path]:
+    """A temporary sibling of ``output_dir`` that replaces it only if the body succeeds, so a
+    failed run leaves no half-written output. Refuses to replace a folder holding an input."""
+    output_dir = Path(output_dir).expanduser().resolve()
+    for p in protect:
+        p = Path(p).expanduser().resolve()
+        if p == output_dir or output_dir in p.parents:
+            raise ValueError(f"output_dir {str(output_dir)!r} would overwrite the input {str(p)!r}; choose another folder")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial.", dir=output_dir.parent))
+    try:
+        yield tmp
+        if output_dir.exists():
+            old = output_dir.with_name(f".{output_dir.name}.old.{os.getpid()}")
+            os.replace(output_dir, old)
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sparsity_table(layers: Mapping[str, float]) -> str:
+    """Per-layer sparsity as a block x layer-type grid (one row per block)."""
+    rows: Dict[str, Dict[str, float]] = {}
+    cols: Dict[str, None] = {}
+    for name, value in layers.items():
+        parts = name.split(".")
+        split = next((i + 1 for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
+        block, leaf = ".".join(parts[:split]), ".".join(parts[split:]) or parts[-1]
+        rows.setdefault(block, {})[leaf] = value
+        cols.setdefault(leaf)
+    width = max([len("block")] + [len(b) for b in rows])
+    names = list(cols)
+    head = "block".ljust(width) + "".join(f" {c.split('.')[-1][:9]:>9}" for c in names)
+    lines = [head, "-" * len(head)]
+    for block, vals in rows.items():
+        lines.append(block.ljust(width) + "".join(f" {vals[c]:>9.4f}" if c in vals else f" {'-':>9}" for c in names))
+    return "\n".join(lines)

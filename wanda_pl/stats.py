@@ -1,0 +1,92 @@
+"""Calibration statistics: small fp32 accumulators fed by forward hooks.
+
+For a layer ``y = W x`` with W of shape (out, in), the input activations of a batch are
+flattened to X of shape (tokens, in) by :func:`flatten_inputs` (Linear / HF Conv1D: all
+leading dims are tokens; Conv2d: unfolded patches, so a k x k conv is the linear map of
+its (in * k * k)-wide patches). The accumulators keep, over calibration samples:
+
+- ``sq_sum[j] = sum_t X[t, j]^2`` -> Wanda's ``scaler_row = sq_sum / nsamples``,
+- optionally ``xtx = X^T X``     -> SparseGPT's Hessian ``H = 2 * xtx / nsamples``,
+
+where ``nsamples`` counts calibration sequences (images), as the reference does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The (out, in) view of a prunable module's weight, sharing storage with it."""
+    w = module.weight
+    if isinstance(module, nn.Conv2d):
+        return w.reshape(w.shape[0], -1)
+    if type(module).__name__ == "Conv1D":  # HF GPT-2 style: weight is (in, out)
+        return w.t()
+    return w
+
+
+def in_features(module: nn.Module) -> int:
+    return weight_matrix(module).shape[1]
+
+
+def flatten_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Input activations of ``module`` as (tokens, in_features) in fp32."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError("grouped / depthwise convolutions are not prunable targets")
+        if module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in ((0, 0), "valid"):
+            return x.detach().float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        padding = module.padding
+        if isinstance(padding, str):
+            raise ValueError(f"conv padding {padding!r} cannot be unfolded; use explicit padding")
+        cols = F.unfold(x.detach().float(), module.kernel_size, module.dilation, padding, module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.detach().float().reshape(-1, x.shape[-1])
+
+
+@dataclass
+class LayerStats:
+    """Running input statistics of one prunable layer."""
+
+    in_features: int
+    with_hessian: bool = False
+    nsamples: int = 0
+    sq_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    xtx: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.sq_sum is None:
+            self.sq_sum = torch.zeros(self.in_features, dtype=torch.float32)
+
+    def update(self, x: torch.Tensor, nsamples: int) -> None:
+        """Add a (tokens, in) fp32 block of activations coming from ``nsamples`` sequences/images."""
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(
+                "non-finite calibration activations (NaN/Inf) reached a prunable layer; "
+                "check the model dtype (fp16 overflows on some models: use float32 or bfloat16) and the input data"
+            )
+        if self.sq_sum.device != x.device:
+            self.sq_sum = self.sq_sum.to(x.device)
+        self.sq_sum += (x * x).sum(dim=0)
+        if self.with_hessian:
+            if self.xtx is None:
+                self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
+            self.xtx.addmm_(x.t(), x)
+        self.nsamples += nsamples
+
+    @property
+    def scaler_row(self) -> torch.Tensor:
+        """Mean over samples of the squared input norm per input column (the reference's ``scaler_row``)."""
+        return self.sq_sum / max(self.nsamples, 1)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``H = (2 / nsamples) X^T X``, SparseGPT's layer Hessian, fp32."""
+        if self.xtx is None:
+            raise ValueError("this method needs the Hessian but it was not collected (with_hessian=False)")
+        return self.xtx * (2.0 / max(self.nsamples, 1))
