@@ -11,12 +11,11 @@ import os
 import sys
 from typing import Optional
 
+import lightning as L
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from wanda_pl.callbacks import Calibration, Pruning
-from wanda_pl.data.text_module import TextDataModule
-from wanda_pl.modules.causal_lm import CausalLM
 
 
 class WandaTrainer(Trainer):
@@ -43,7 +42,12 @@ class WandaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Pruning, "pruning")
         parser.add_lightning_class_args(Calibration, "calibration")
-        parser.link_arguments("seed_everything", "data.seed")
+        parser.link_arguments("seed_everything", "data.init_args.seed")
+        # The embedded LLM job is the default; a recipe picks another class (e.g. configs/vision/).
+        parser.set_defaults({
+            "model": {"class_path": "wanda_pl.modules.causal_lm.CausalLM"},
+            "data": {"class_path": "wanda_pl.data.text_module.TextDataModule"},
+        })
 
     def before_prune(self) -> None:
         cfg = self.config[self.subcommand]
@@ -62,8 +66,10 @@ def main(args: Optional[list] = None) -> None:
         print(json.dumps(ensure_all(), indent=2))
         return
     WandaCLI(
-        CausalLM,
-        TextDataModule,
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
         trainer_class=WandaTrainer,
         seed_everything_default=0,
         save_config_callback=None,

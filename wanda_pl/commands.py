@@ -24,9 +24,9 @@ def _pruning_callback(trainer) -> Pruning:
     return found[0]
 
 
-def _validate(trainer, model, datamodule) -> float:
+def _validate(trainer, model, datamodule) -> Dict[str, float]:
     trainer.validate(model, datamodule=datamodule, verbose=False)
-    return model.last_ppl
+    return dict(model.last_metrics)
 
 
 def prune(
@@ -43,20 +43,18 @@ def prune(
     pruning = _pruning_callback(trainer)
     pruning.enabled = False
     # Everything that can be wrong with the input fails here, before any long work.
-    datamodule.connect(model.tokenizer, model.max_length)
+    datamodule.prepare_for(model)
     pruning.check(model)
-    protect = [model.path] if Path(model.path).exists() else []
-    calib_ids = datamodule.calibration_ids()
-    datamodule.evaluation_ids()
+    protect = [model.path] if model.path and Path(model.path).exists() else []
 
     with staged_dir(Path(output_dir), protect) as stage:
         t0 = time.perf_counter()
-        ppl_dense = _validate(trainer, model, datamodule) if validate_dense else None
+        dense = _validate(trainer, model, datamodule) if validate_dense else None
         t_eval = time.perf_counter() - t0
 
         pruning.enabled = True
         t0 = time.perf_counter()
-        ppl = _validate(trainer, model, datamodule)
+        pruned = _validate(trainer, model, datamodule)
         t_pruned_total = time.perf_counter() - t0
         times = pruning.times
         t_eval += t_pruned_total - times["prune"]
@@ -68,8 +66,7 @@ def prune(
             **pruning.describe(),
             **datamodule.describe(),
             "actual_sparsity": overall_sparsity(targets),
-            "ppl_dense": ppl_dense,
-            "ppl": ppl,
+            **model.metrics_report(dense, pruned),
             "time_s": {
                 "calibration": round(times["calibration_data"] + times["prune_forward"], 3),
                 "prune": round(times["prune_metric"], 3),
@@ -83,17 +80,16 @@ def prune(
             "config": config,
         }
         if trainer.is_global_zero:
-            torch.save(calib_ids, stage / "calibration_ids.pt")
+            if pruning.method.needs_activations:
+                torch.save(datamodule.calibration_data(), stage / "calibration_ids.pt")
             if save_model:
-                model.model.save_pretrained(stage / "model", safe_serialization=True)
-                model.tokenizer.save_pretrained(stage / "model")
+                model.save(stage / "model")
             write_json(stage / "report.json", report)
             print(sparsity_table(layers))
-            dense = "n/a" if ppl_dense is None else f"{ppl_dense:.3f}"
             print(
                 f"{report['model']}: {report['method']} {report['sparsity_type']} {report['sparsity_ratio']:g} -> "
-                f"actual sparsity {report['actual_sparsity']:.4f}; perplexity dense {dense}, pruned {ppl:.3f} "
-                f"({report['evaluation']}, {report['eval_windows']} x {report['seqlen']} tokens)"
+                f"actual sparsity {report['actual_sparsity']:.4f}; {model.metrics_line(dense, pruned)} "
+                f"(evaluation: {report['evaluation']})"
             )
     if trainer.is_global_zero:
         print(f"report: {Path(output_dir) / 'report.json'}")

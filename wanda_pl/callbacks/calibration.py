@@ -34,9 +34,9 @@ class Calibration(Callback):
         if self.inputs is None:
             t0 = time.perf_counter()
             dm = trainer.datamodule
-            if dm is None or not hasattr(dm, "calibration_ids"):
-                raise RuntimeError("pruning needs a datamodule with calibration data (calibration_ids / calibration_images)")
-            self.inputs = dm.calibration_ids()
+            if dm is None or not hasattr(dm, "calibration_data"):
+                raise RuntimeError("pruning needs a datamodule that provides calibration_data()")
+            self.inputs = dm.calibration_data()
             self.time_s = time.perf_counter() - t0
             log.info("calibration data: %s", tuple(self.inputs.shape))
         return self.inputs

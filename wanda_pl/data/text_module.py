@@ -64,6 +64,12 @@ class TextDataModule(L.LightningDataModule):
         if max_length is not None and self.seqlen > max_length:
             raise ValueError(f"data.seqlen={self.seqlen} is longer than the model supports ({max_length} positions)")
 
+    def prepare_for(self, module) -> None:
+        """Connect to ``module`` and load the data, so bad settings fail before any long work."""
+        self.connect(module.tokenizer, getattr(module, "max_length", None))
+        self.calibration_ids()
+        self.evaluation_ids()
+
     def setup(self, stage: str) -> None:
         if self.tokenizer is None and self.trainer is not None:
             module = self.trainer.lightning_module
@@ -80,6 +86,8 @@ class TextDataModule(L.LightningDataModule):
             text = load_text(self.calibration, "calibration")
             self._calib = calibration_windows(text, self.tokenizer, self.nsamples, self.seqlen, self.seed)
         return self._calib
+
+    calibration_data = calibration_ids  # the name the calibration callback asks every datamodule for
 
     def evaluation_ids(self) -> torch.Tensor:
         if self._eval is None:

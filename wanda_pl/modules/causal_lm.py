@@ -79,6 +79,7 @@ class CausalLM(L.LightningModule):
         self._nll = torch.zeros(())
         self._windows = torch.zeros(())
         self.last_ppl: Optional[float] = None
+        self.last_metrics: Dict[str, float] = {}
 
     # --- pruning plan (architecture knowledge stays in adapters) ---
     def prunable_blocks(
@@ -126,6 +127,7 @@ class CausalLM(L.LightningModule):
         if float(count) == 0:
             return
         self.last_ppl = math.exp(float(total) / float(count))
+        self.last_metrics = {"ppl": self.last_ppl}
         self.log("ppl", self.last_ppl, prog_bar=True, rank_zero_only=False, sync_dist=False)
 
     # --- fine-tuning ---
@@ -138,6 +140,20 @@ class CausalLM(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+    @staticmethod
+    def metrics_report(dense: Optional[Dict[str, float]], pruned: Dict[str, float]) -> Dict[str, Any]:
+        return {"ppl_dense": None if dense is None else dense["ppl"], "ppl": pruned["ppl"]}
+
+    @staticmethod
+    def metrics_line(dense: Optional[Dict[str, float]], pruned: Dict[str, float]) -> str:
+        d = "n/a" if dense is None else f"{dense['ppl']:.3f}"
+        return f"perplexity dense {d}, pruned {pruned['ppl']:.3f}"
+
+    def save(self, folder) -> None:
+        """The (pruned) network as a Hugging Face folder that ``from_pretrained`` reloads."""
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
 
     def describe(self) -> Dict[str, Any]:
         return {"model": self.hparams.name_or_path, "model_path": self.path, "dtype": self.hparams.dtype}
