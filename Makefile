@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    prune the embedded SmolLM2-135M with Wanda on real Wikipedia text (dense + pruned perplexity)
+#   make test   run the test suite
+# Both create .venv in the checkout when missing and install into it once (a re-run takes seconds).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-fast venv assets bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(PY) cli.py prune --config configs/llm/smollm2_wikipedia.yaml
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest -q
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest -q -m "not slow"
+
+assets: $(STAMP)
+	$(PY) cli.py assets
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,66 @@
+"""Shared helpers for the benchmark scripts: one Trainer per pruning run, dense weights restored between runs."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+
+from wanda_pl.callbacks import Calibration, Pruning  # noqa: E402
+from wanda_pl.commands import prune  # noqa: E402
+from wanda_pl.report import versions  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def trainer(callbacks) -> L.Trainer:
+    return L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                     use_distributed_sampler=False, enable_model_summary=False, enable_progress_bar=False,
+                     num_sanity_val_steps=0, callbacks=callbacks)
+
+
+class Runner:
+    """Prunes one module again and again, restoring the dense weights before each run."""
+
+    def __init__(self, module, datamodule):
+        self.module, self.dm = module, datamodule
+        self.dense_state = copy.deepcopy(module.model.state_dict())
+        self.dense = None
+
+    def dense_metrics(self):
+        if self.dense is None:
+            self.module.model.load_state_dict(self.dense_state)
+            t = trainer([])
+            t.validate(self.module, datamodule=self.dm, verbose=False)
+            self.dense = dict(self.module.last_metrics)
+        return self.dense
+
+    def run(self, **pruning_kwargs) -> dict:
+        self.module.model.load_state_dict(self.dense_state)
+        t = trainer([Calibration(), Pruning(**pruning_kwargs)])
+        with tempfile.TemporaryDirectory() as out:
+            report = prune(t, self.module, self.dm, str(Path(out) / "run"), validate_dense=False)
+        return report
+
+
+def write_table(name: str, header: str, rows: list, settings: dict) -> str:
+    """A markdown table plus the settings that decide its numbers, printed and saved to results/."""
+    lines = [header, "|" + "|".join("---" for _ in header.strip("|").split("|")) + "|"]
+    lines += rows
+    text = "\n".join(lines) + "\n\nSettings: `" + json.dumps(settings, default=str) + "`\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+    return text
+
+
+def settings_of(report: dict, **extra) -> dict:
+    keys = ("model", "dtype", "calibration", "evaluation", "nsamples", "seqlen", "seed", "max_eval_windows", "eval_windows")
+    return {**{k: report.get(k) for k in keys}, **extra, "versions": versions()}

@@ -1,0 +1,58 @@
+"""Perplexity and time of dense / magnitude / wanda (and sparsegpt, the OBS ablations) on the
+embedded SmolLM2-135M and held-out Wikipedia text: the shape of the paper's Tables 2 and 6.
+
+    python benchmarks/llm_prune.py                       # Table 2 methods at 50%, 4:8, 2:4
+    python benchmarks/llm_prune.py --ablations           # + sparsegpt and the four OBS ablations
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import Runner, settings_of, write_table
+
+from wanda_pl.data.text_module import TextDataModule
+from wanda_pl.methods import method_names
+from wanda_pl.modules.causal_lm import CausalLM
+
+ABLATIONS = ("ablate_mag_seq", "ablate_wanda_seq", "ablate_mag_iter", "ablate_wanda_iter")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=1024)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", nargs="+", default=None, help="default: magnitude wanda (+ sparsegpt if available)")
+    ap.add_argument("--types", nargs="+", default=["unstructured", "4:8", "2:4"])
+    ap.add_argument("--ablations", action="store_true", help="add sparsegpt and the four OBS-update ablations at 50%%")
+    args = ap.parse_args()
+
+    available = method_names()
+    methods = args.methods or [m for m in ("magnitude", "wanda", "sparsegpt") if m in available]
+    module = CausalLM(args.model)
+    dm = TextDataModule("wikipedia", "wikipedia", args.nsamples, args.seqlen, args.seed, args.eval_windows)
+    dm.prepare_for(module)
+    runner = Runner(module, dm)
+    t0 = time.perf_counter()
+    dense = runner.dense_metrics()["ppl"]
+    rows = [f"| dense | - | {dense:.2f} | 0.0000 | - | - | {time.perf_counter() - t0:.1f} |"]
+    plan = [(m, t) for t in args.types for m in methods]
+    if args.ablations:
+        plan += [(m, "unstructured") for m in ABLATIONS if m in available]
+    report = None
+    for method, stype in plan:
+        report = runner.run(method=method, sparsity_type=stype, sparsity_ratio=None if ":" in stype else 0.5)
+        ts = report["time_s"]
+        rows.append(f"| {method} | {report['sparsity_type']} | {report['ppl']:.2f} | {report['actual_sparsity']:.4f} | "
+                    f"{ts['prune']:.2f} | {ts['calibration']:.1f} | {ts['total']:.1f} |")
+        print(rows[-1], flush=True)
+    header = "| method | sparsity | perplexity | actual sparsity | mask+update time (s) | calibration forward (s) | total (s) |"
+    write_table("llm_prune_ablations" if args.ablations else "llm_prune", header, rows,
+                settings_of(report or {}, ratio=0.5, dense_ppl=dense))
+
+
+if __name__ == "__main__":
+    main()
