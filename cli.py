@@ -15,7 +15,7 @@ import lightning as L
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from wanda_pl.callbacks import Calibration, Pruning
+from wanda_pl.callbacks import Calibration, Pruning, ZeroShot
 
 
 class WandaTrainer(Trainer):
@@ -42,6 +42,7 @@ class WandaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Pruning, "pruning")
         parser.add_lightning_class_args(Calibration, "calibration")
+        parser.add_lightning_class_args(ZeroShot, "zero_shot")
         parser.link_arguments("seed_everything", "data.init_args.seed")
         # The embedded LLM job is the default; a recipe picks another class (e.g. configs/vision/).
         parser.set_defaults({

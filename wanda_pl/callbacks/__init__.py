@@ -1,4 +1,5 @@
 from .calibration import Calibration
 from .pruning import Pruning
+from .zero_shot import ZeroShot
 
-__all__ = ["Calibration", "Pruning"]
+__all__ = ["Calibration", "Pruning", "ZeroShot"]

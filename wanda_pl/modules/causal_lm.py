@@ -112,6 +112,7 @@ class CausalLM(L.LightningModule):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def on_validation_epoch_start(self) -> None:
+        self.last_metrics = {}
         self._nll = torch.zeros((), dtype=torch.float64, device=self.device)
         self._windows = torch.zeros((), dtype=torch.float64, device=self.device)
 
@@ -127,7 +128,8 @@ class CausalLM(L.LightningModule):
         if float(count) == 0:
             return
         self.last_ppl = math.exp(float(total) / float(count))
-        self.last_metrics = {"ppl": self.last_ppl}
+        # Updated, not replaced: callbacks (zero-shot) run their epoch-end hooks before this one.
+        self.last_metrics["ppl"] = self.last_ppl
         self.log("ppl", self.last_ppl, prog_bar=True, rank_zero_only=False, sync_dist=False)
 
     # --- fine-tuning ---
@@ -143,12 +145,20 @@ class CausalLM(L.LightningModule):
 
     @staticmethod
     def metrics_report(dense: Optional[Dict[str, float]], pruned: Dict[str, float]) -> Dict[str, Any]:
-        return {"ppl_dense": None if dense is None else dense["ppl"], "ppl": pruned["ppl"]}
+        out: Dict[str, Any] = {"ppl_dense": None if dense is None else dense["ppl"], "ppl": pruned["ppl"]}
+        if "zero_shot" in pruned:
+            out["zero_shot"] = {"dense": None if dense is None else dense.get("zero_shot"), "pruned": pruned["zero_shot"]}
+        return out
 
     @staticmethod
     def metrics_line(dense: Optional[Dict[str, float]], pruned: Dict[str, float]) -> str:
         d = "n/a" if dense is None else f"{dense['ppl']:.3f}"
-        return f"perplexity dense {d}, pruned {pruned['ppl']:.3f}"
+        line = f"perplexity dense {d}, pruned {pruned['ppl']:.3f}"
+        if "zero_shot" in pruned:
+            from ..eval.zero_shot import format_table
+
+            line += "\nzero-shot accuracy (%):\n" + format_table((dense or {}).get("zero_shot") or {}, pruned["zero_shot"])
+        return line
 
     def save(self, folder) -> None:
         """The (pruned) network as a Hugging Face folder that ``from_pretrained`` reloads."""
