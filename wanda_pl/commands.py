@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -47,7 +48,10 @@ def prune(
     pruning.check(model)
     protect = [model.path] if model.path and Path(model.path).exists() else []
 
-    with staged_dir(Path(output_dir), protect) as stage:
+    # Only rank 0 stages and commits the output: under DDP every rank runs this function, and
+    # another rank's (empty) stage committed after rank 0's would replace the finished output.
+    stage_ctx = staged_dir(Path(output_dir), protect) if trainer.is_global_zero else nullcontext()
+    with stage_ctx as stage:
         t0 = time.perf_counter()
         dense = _validate(trainer, model, datamodule) if validate_dense else None
         t_eval = time.perf_counter() - t0

@@ -60,9 +60,10 @@ def capture_inputs(
             key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
             kwargs = dict(kwargs)
             hidden = kwargs.pop(key)
-            captured.append(BlockInput(hidden.detach().to(store_device), (), _detach(kwargs), key))
+            captured.append(BlockInput(hidden.detach().to(store_device), (), _detach(kwargs, store_device), key))
         else:
-            captured.append(BlockInput(args[0].detach().to(store_device), _detach(args[1:]), _detach(kwargs)))
+            captured.append(BlockInput(args[0].detach().to(store_device), _detach(args[1:], store_device),
+                                       _detach(kwargs, store_device)))
         raise _Captured
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -79,15 +80,18 @@ def capture_inputs(
     return captured
 
 
-def _detach(obj: Any) -> Any:
+def _detach(obj: Any, device=None) -> Any:
+    """``obj`` with every tensor detached and (blocking) moved to ``device``: the other block
+    arguments (attention masks, position embeddings) are kept on the store device like the
+    hidden states, not left on the accelerator for every sample."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach()
+        return obj.detach() if device is None else obj.detach().to(device)
     if isinstance(obj, tuple):
-        return tuple(_detach(o) for o in obj)
+        return tuple(_detach(o, device) for o in obj)
     if isinstance(obj, list):
-        return [_detach(o) for o in obj]
+        return [_detach(o, device) for o in obj]
     if isinstance(obj, dict):
-        return {k: _detach(v) for k, v in obj.items()}
+        return {k: _detach(v, device) for k, v in obj.items()}
     return obj
 
 

@@ -72,12 +72,13 @@ class SparsitySpec:
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """In each group of ``m`` consecutive columns, mark the ``n`` lowest scores of every row."""
+    """In each group of ``m`` consecutive columns, mark the ``n`` lowest scores of every row
+    (stable: on ties the lower column index is pruned, like ``row_mask``; ``topk`` is not stable)."""
     rows, cols = score.shape
     if cols % m:
         raise ValueError(f"N:M sparsity {n}:{m}: M={m} does not divide the input width {cols}")
     groups = score.reshape(rows, cols // m, m)
-    idx = torch.topk(groups, n, dim=-1, largest=False).indices
+    idx = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
     return mask.reshape(rows, cols)
 

@@ -103,6 +103,10 @@ class TextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         ids = self.evaluation_ids()
         rank, world = self._rank_world()
+        if len(ids) < world:
+            # A rank without batches skips validation and the others would wait for it forever.
+            raise ValueError(f"{len(ids)} evaluation windows cannot be shared by {world} processes; "
+                             "give more evaluation text, a shorter seqlen or fewer devices")
         idx = torch.tensor(list(shard(len(ids), rank, world)), dtype=torch.long)
         return DataLoader(TensorDataset(ids[idx]), batch_size=self.batch_size, shuffle=False)
 
