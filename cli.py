@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Optional
 
 import lightning as L
@@ -33,6 +34,31 @@ class WandaTrainer(Trainer):
 
         return prune(self, model, datamodule, output_dir, save_model, validate_dense, getattr(self, "run_config", None))
 
+    def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path: Optional[str] = None,
+            weights_only: Optional[bool] = None, output_dir: Optional[str] = "outputs/fit", save_model: bool = True,
+            validate_before: bool = True):
+        """Fine-tune (masks kept exactly: pruned at the start, --pruning.masks_from, or the checkpoint's)
+        and write report.json: sparsity and metrics before and after, steps, time, mode, config.
+
+        Args:
+            ckpt_path: resume from this checkpoint (weights, optimizer, masks).
+            weights_only: passed to Lightning's checkpoint loading.
+            output_dir: where report.json, masks.pt, model/ (LoRA: merged with the masked merge) and
+                adapter/ (LoRA: unmerged adapters + masks) go; written atomically. null: Lightning's
+                plain fit, no report (also when no datamodule is given).
+            save_model: save the fine-tuned model as a Hugging Face folder (output_dir/model).
+            validate_before: measure the metrics before fine-tuning (skipped when resuming).
+        """
+        if output_dir is None or datamodule is None or train_dataloaders is not None:
+            return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
+        from wanda_pl.finetune import fit_and_report
+
+        def plain_fit(m, datamodule, ckpt_path):
+            super(WandaTrainer, self).fit(m, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+
+        return fit_and_report(self, model, datamodule, plain_fit, output_dir, ckpt_path, save_model, validate_before,
+                              getattr(self, "run_config", None))
+
 
 class WandaCLI(LightningCLI):
     @staticmethod
@@ -54,11 +80,15 @@ class WandaCLI(LightningCLI):
         cfg = self.config[self.subcommand]
         self.trainer.run_config = json.loads(json.dumps(cfg.as_dict(), default=str))
 
+    before_fit = before_prune
+
 
 def main(args: Optional[list] = None) -> None:
     argv = sys.argv[1:] if args is None else args
     logging.basicConfig(level=os.environ.get("WANDA_PL_LOG", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A deprecation inside Lightning's own pytree helper, printed on every run; nothing for users to act on.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     if argv[:1] == ["assets"]:
         from wanda_pl.data.assets import ensure_all
 

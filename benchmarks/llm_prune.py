@@ -21,9 +21,9 @@ ABLATIONS = ("ablate_mag_seq", "ablate_wanda_seq", "ablate_mag_iter", "ablate_wa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=1024)
-    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="+", default=None, help="default: magnitude wanda (+ sparsegpt if available)")
     ap.add_argument("--types", nargs="+", default=["unstructured", "4:8", "2:4"])

@@ -1,0 +1,53 @@
+"""Zero-shot accuracy (lm-eval, the paper's seven tasks, 0-shot) of the embedded SmolLM2-135M:
+dense vs magnitude 50% vs wanda 50% vs sparsegpt 50%, on the embedded task data.
+
+    python benchmarks/zero_shot.py --limit 100
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import Runner, settings_of, write_table
+
+from wanda_pl.data.text_module import TextDataModule
+from wanda_pl.eval.zero_shot import PAPER_TASKS, run_zero_shot
+from wanda_pl.modules.causal_lm import CausalLM
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--limit", type=int, default=100, help="documents per task")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=1024)
+    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    ap.add_argument("--batch-size", type=int, default=8)
+    args = ap.parse_args()
+
+    module = CausalLM(args.model)
+    dm = TextDataModule("wikipedia", "wikipedia", args.nsamples, args.seqlen, 0, 16)
+    dm.prepare_for(module)
+    runner = Runner(module, dm)
+    results, report = {}, {}
+    for method in ["dense"] + args.methods:
+        t0 = time.perf_counter()
+        if method == "dense":
+            module.model.load_state_dict(runner.dense_state)
+        else:
+            report = runner.run(method=method, sparsity_ratio=0.5)
+        res = run_zero_shot(module.model, module.tokenizer, PAPER_TASKS, "embedded", args.limit, args.batch_size)
+        results[method] = res
+        cells = " | ".join(f"{100 * res['tasks'][t]['acc']:.1f}" for t in PAPER_TASKS)
+        print(f"{method}: mean {100 * res['mean_acc']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        results[method]["row"] = f"| {method} | {cells} | {100 * res['mean_acc']:.2f} |"
+    header = "| method (50%) | " + " | ".join(PAPER_TASKS) + " | mean acc |"
+    any_res = results["dense"]
+    write_table("zero_shot", header, [r["row"] for r in results.values()],
+                settings_of(report, limit=args.limit, num_fewshot=0, source="embedded", metric="acc (%)",
+                            lm_eval=any_res["lm_eval_version"],
+                            task_versions={t: any_res["tasks"][t]["version"] for t in PAPER_TASKS}))
+
+
+if __name__ == "__main__":
+    main()
