@@ -197,4 +197,4 @@ def ensure_all() -> Dict[str, str]:
 def _load_asset_modules() -> None:
     # Importing these modules registers their assets; imported lazily so that a plain
     # `import wanda_pl` stays cheap.
-    from . import embedded, tasks  # noqa: F401
+    from . import embedded, tasks, vision_assets  # noqa: F401
