@@ -39,9 +39,9 @@ def main() -> None:
     ap.add_argument("--mode", choices=["lora", "full"], default="lora")
     ap.add_argument("--method", default="wanda")
     ap.add_argument("--sparsity-type", default="2:4")
-    ap.add_argument("--nsamples", type=int, default=64, help="calibration windows, also the fine-tuning text")
+    ap.add_argument("--nsamples", type=int, default=32, help="calibration windows, also the fine-tuning text")
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3, help="the reference's 1e-4 is for far longer runs on C4")
@@ -55,8 +55,8 @@ def main() -> None:
     dm.prepare_for(module)
     pruning = Pruning(method=args.method, sparsity_type=args.sparsity_type, enabled=False)
     t = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False, use_distributed_sampler=False,
-                  enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
-                  max_steps=args.steps, max_epochs=-1, gradient_clip_val=1.0,
+                  enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                  max_steps=args.steps, max_epochs=-1, gradient_clip_val=1.0, check_val_every_n_epoch=10**6,
                   callbacks=[Calibration(), pruning, Progress(10)])
 
     t0 = time.perf_counter()

@@ -42,6 +42,8 @@ def prune(
     """Calibrate, prune, validate dense and pruned, and write ``report.json`` (+ ids, model)."""
     t_start = time.perf_counter()
     pruning = _pruning_callback(trainer)
+    if pruning.masks_from is not None:
+        raise ValueError("pruning.masks_from takes masks instead of computing them: it is for fit/validate, not prune")
     pruning.enabled = False
     # Everything that can be wrong with the input fails here, before any long work.
     datamodule.prepare_for(model)
@@ -88,6 +90,7 @@ def prune(
                 torch.save(datamodule.calibration_data(), stage / "calibration_ids.pt")
             if save_model:
                 model.save(stage / "model")
+                torch.save(pruning.masks, stage / "masks.pt")  # fit --pruning.masks_from output_dir/masks.pt
             write_json(stage / "report.json", report)
             print(sparsity_table(layers))
             print(

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -31,6 +32,10 @@ class Pruning(Callback):
         blocksize: SparseGPT column block size.
         percdamp: SparseGPT damping, a fraction of the Hessian's mean diagonal.
         enabled: prune when validation or fitting starts (``prune`` turns it on after the dense baseline).
+        masks_from: take the masks instead of computing them: ``zeros`` (the zeros of an already pruned
+            model, e.g. ``--model.name_or_path outputs/x/model``) or a mask file (``masks.pt`` from
+            ``prune --save_model true`` or a fine-tuning run, or its folder). ``fit`` uses them even
+            without ``enabled``.
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class Pruning(Callback):
         blocksize: int = 128,
         percdamp: float = 0.01,
         enabled: bool = False,
+        masks_from: Optional[str] = None,
     ) -> None:
         self.spec = SparsitySpec.parse(sparsity_type, sparsity_ratio)
         self.method = get_method(method)
@@ -56,7 +62,17 @@ class Pruning(Callback):
         if not 0 <= percdamp:
             raise ValueError(f"pruning.percdamp must be >= 0, got {percdamp}")
         self.options = PruneOptions(granularity, use_variant, blocksize, percdamp)
+        if masks_from is not None and masks_from != "zeros":
+            path = Path(masks_from)
+            if not (path / "masks.pt" if path.is_dir() else path).is_file():
+                raise ValueError(f"pruning.masks_from must be 'zeros' or a mask file (or a folder holding masks.pt); "
+                                 f"{masks_from!r} is neither")
         self.enabled = enabled
+        self.masks_from = masks_from
+        self.masks_source: Optional[str] = None  # where the current masks came from, for reports
+        self.start_sparsity: Optional[float] = None  # measured when fitting starts, masks applied
+        self._live: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (trainable weight, mask on its device)
+        self._handles: list = []
         self.masks: Dict[str, torch.Tensor] = {}
         self.result: Optional[PruneResult] = None
         self.times: Dict[str, float] = {}
@@ -67,6 +83,7 @@ class Pruning(Callback):
             "use_variant": self.options.use_variant,
             "granularity": self.options.granularity or self.method.default_granularity,
             **({"blocksize": self.options.blocksize, "percdamp": self.options.percdamp} if self.method.needs_hessian else {}),
+            **({"masks_from": self.masks_from} if self.masks_from is not None else {}),
         }
 
     def check(self, pl_module) -> None:
@@ -86,20 +103,90 @@ class Pruning(Callback):
             progress=trainer.is_global_zero,
         )
         self.result, self.masks = result, result.masks
+        self.masks_source = "pruned"
         self.times = {"calibration_data": t1 - t0, "prune": time.perf_counter() - t1,
                       "prune_metric": result.time_metric_s, "prune_forward": result.time_forward_s}
 
-    def _maybe_prune(self, trainer, pl_module) -> None:
-        if self.enabled and not self.masks:
+    @property
+    def wants_masks(self) -> bool:
+        return self.enabled or self.masks_from is not None
+
+    def load_masks(self, pl_module) -> Dict[str, torch.Tensor]:
+        """The masks of ``masks_from``: the zeros of the targets, or a mask file checked against them."""
+        targets = pl_module.all_targets()
+        if self.masks_from == "zeros":
+            masks = {name: (m.weight.detach() == 0).cpu() for name, m in targets.items()}
+            if not any(bool(m.any()) for m in masks.values()):
+                log.warning("pruning.masks_from=zeros: the model has no zero weight in its targets (is it dense?)")
+            return masks
+        from ..lora import load_masks
+
+        return load_masks(self.masks_from, {name: m.weight for name, m in targets.items()})
+
+    def obtain_masks(self, trainer, pl_module) -> bool:
+        """Masks when there are none yet: loaded (``masks_from``) or computed (``enabled``). True if new."""
+        if self.masks:
+            return False
+        if self.masks_from is not None:
+            self.masks = self.load_masks(pl_module)
+            self.masks_source = f"masks_from:{self.masks_from}"
+        elif self.enabled:
             self.prune(trainer, pl_module)
+        else:
+            return False
+        return True
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._maybe_prune(trainer, pl_module)
+        if not trainer.sanity_checking and self.wants_masks and self.obtain_masks(trainer, pl_module):
+            self.apply(pl_module)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._maybe_prune(trainer, pl_module)
+        """Masks from the checkpoint (restored before this hook), ``masks_from`` or pruning now; applied,
+        given to the module (masked LoRA), and kept through every optimizer step."""
+        if self.wants_masks:
+            self.obtain_masks(trainer, pl_module)
+        if not self.masks:
+            return
+        _check_strategy(trainer)
+        # Masks made under a validation's inference mode cannot enter autograd (the masked LoRA update).
+        self.masks = {k: v.clone() if v.is_inference() else v for k, v in self.masks.items()}
         self.apply(pl_module)
+        self._freeze_zeros(pl_module)
+        share = getattr(pl_module, "set_masks", None)
+        if share is not None:
+            share(self.masks)
+        self.start_sparsity = _sparsity(pl_module)
+        self._remove_hooks()
+        self._live = [(w, m.to(w.device)) for w, m in self._params(pl_module) if w.requires_grad]
+        if self._live:
+            # Right after every optimizer step that runs (AMP's skipped steps change nothing), with
+            # gradient accumulation, manual optimization or several optimizers alike.
+            self._handles = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
+        log.info("keeping %d masks (%d trainable layers) while fitting", len(self.masks), len(self._live))
+
+    @torch.no_grad()
+    def _freeze_zeros(self, pl_module) -> None:
+        """A kept weight that is exactly zero when fitting starts (trained checkpoints hold a few) joins
+        its mask: fine-tuning then keeps every zero, and the sparsity after equals the sparsity before."""
+        extra = 0
+        for name, mask in self.masks.items():
+            zeros = (pl_module.model.get_submodule(name).weight == 0).cpu()
+            if (zeros & ~mask).any():
+                extra += int((zeros & ~mask).sum())
+                self.masks[name] = mask | zeros
+        if extra:
+            log.info("%d kept weights are exactly zero: they stay zero too", extra)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._live = [], []
 
     # --- keeping masks ---
     def _params(self, pl_module):
@@ -112,16 +199,36 @@ class Pruning(Callback):
         for weight, mask in self._params(pl_module):
             weight.masked_fill_(mask.to(weight.device), 0)
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        for weight, mask in self._params(pl_module):
-            if weight.grad is not None:
-                weight.grad.masked_fill_(mask.to(weight.device), 0)
+    @torch.no_grad()
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        for weight, mask in self._live:
+            weight.masked_fill_(mask, 0)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.apply(pl_module)
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # Before clipping and the step: pruned weights neither move nor count in a gradient norm.
+        for weight, mask in self._live:
+            if weight.grad is not None:
+                weight.grad.masked_fill_(mask, 0)
 
     def state_dict(self) -> dict:
         return {"masks": self.masks, "config": self.describe()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.masks = state_dict["masks"]
+        self.masks_source = f"checkpoint (pruned with {state_dict.get('config')})"
+
+
+def _sparsity(pl_module) -> Optional[float]:
+    from ..report import overall_sparsity
+
+    return overall_sparsity(pl_module.all_targets()) if hasattr(pl_module, "all_targets") else None
+
+
+def _check_strategy(trainer) -> None:
+    """The masks are edited by layer name on whole weights; sharded strategies hold flat shards."""
+    name = type(trainer.strategy).__name__
+    if name in ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"):
+        raise NotImplementedError(
+            f"the Pruning callback keeps masks on whole, named weights; {name} shards them. Fine-tune a "
+            f"pruned model with ddp (or one device), or see the README on FSDP"
+        )

@@ -60,6 +60,13 @@ class CausalLM(L.LightningModule):
         ignore: regexes of layers never to prune.
         learning_rate: for fine-tuning (``fit``).
         weight_decay: for fine-tuning (AdamW).
+        finetune: ``full`` (train the parameters ``trainable`` selects) or ``lora`` (train masked LoRA
+            adapters only; see ``wanda_pl.lora``). Pruned weights stay exactly zero either way.
+        trainable: full mode: regexes of the parameter names to train (None: all of them).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha (the update is scaled by alpha / r).
+        lora_dropout: dropout on the adapters' input while training.
+        lora_targets: regexes of the linear layers to adapt (the reference: q_proj and v_proj).
     """
 
     def __init__(
@@ -71,8 +78,20 @@ class CausalLM(L.LightningModule):
         ignore: Optional[List[str]] = None,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
+        finetune: str = "full",
+        trainable: Optional[List[str]] = None,
+        lora_r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.05,
+        lora_targets: Sequence[str] = ("q_proj", "v_proj"),
     ) -> None:
         super().__init__()
+        if finetune not in ("full", "lora"):
+            raise ValueError(f"model.finetune must be 'full' or 'lora', got {finetune!r}")
+        if finetune == "lora" and trainable is not None:
+            raise ValueError("model.trainable selects parameters for finetune=full; LoRA trains its adapters only")
+        if lora_r < 1 or not 0 <= lora_dropout < 1:
+            raise ValueError(f"model.lora_r must be >= 1 and model.lora_dropout in [0, 1), got {lora_r}, {lora_dropout}")
         self.save_hyperparameters()
         self.model, self.tokenizer, self.path = load_causal_lm(name_or_path, dtype, trust_remote_code)
         self.max_length = getattr(self.model.config, "max_position_embeddings", None)
@@ -80,6 +99,9 @@ class CausalLM(L.LightningModule):
         self._windows = torch.zeros(())
         self.last_ppl: Optional[float] = None
         self.last_metrics: Dict[str, float] = {}
+        self.masks: Dict[str, torch.Tensor] = {}
+        self.train_losses: List[torch.Tensor] = []
+        self._finetune_ready = False
 
     # --- pruning plan (architecture knowledge stays in adapters) ---
     def prunable_blocks(
@@ -133,15 +155,87 @@ class CausalLM(L.LightningModule):
         self.log("ppl", self.last_ppl, prog_bar=True, rank_zero_only=False, sync_dist=False)
 
     # --- fine-tuning ---
+    @property
+    def is_lora(self) -> bool:
+        return self.hparams.finetune == "lora"
+
+    def setup(self, stage: str) -> None:
+        # Before the checkpoint is restored and the optimizer built: the adapters must exist by then.
+        if stage == "fit":
+            self.prepare_finetune()
+
+    def prepare_finetune(self) -> None:
+        """LoRA: attach the masked adapters and freeze the rest. Full: train what ``trainable`` selects."""
+        if self._finetune_ready:
+            return
+        import re
+
+        from .. import lora
+
+        hp = self.hparams
+        if self.is_lora:
+            layers = lora.attach(self.model, list(hp.lora_targets), hp.lora_r, hp.lora_alpha, hp.lora_dropout)
+            lora.set_masks(self.model, self.masks)
+            log.info("LoRA (masked) on %d layers, r=%d alpha=%g", len(layers), hp.lora_r, hp.lora_alpha)
+        elif hp.trainable is not None:
+            chosen = 0
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(any(re.search(t, name) for t in hp.trainable))
+                chosen += p.requires_grad
+            if not chosen:
+                raise ValueError(f"model.trainable {hp.trainable} matches no parameter (names like "
+                                 f"{[n for n, _ in self.model.named_parameters()][:3]})")
+        self._finetune_ready = True
+
+    def set_masks(self, masks: Dict[str, torch.Tensor]) -> None:
+        """From the Pruning callback when fitting starts: the adapters' updates skip pruned weights."""
+        from .. import lora
+
+        self.masks = masks
+        lora.set_masks(self.model, masks)
+
+    def on_fit_start(self) -> None:
+        self.train_losses = []
+        self.model.train()  # loaded in eval mode; after the Pruning callback's calibration
+
+    def on_fit_end(self) -> None:
+        self.model.eval()
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         (ids,) = batch
         loss = window_nll(self(ids), ids).mean()
         self.log("train_loss", loss, prog_bar=True)
+        self.train_losses.append(loss.detach())
         return loss
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: no parameter requires a gradient")
         return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+    def finetune_describe(self) -> Dict[str, Any]:
+        hp = self.hparams
+        out: Dict[str, Any] = {"finetune": hp.finetune, "learning_rate": hp.learning_rate, "weight_decay": hp.weight_decay}
+        if self.is_lora:
+            out.update(lora_r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
+                       lora_targets=list(hp.lora_targets))
+        else:
+            out["trainable"] = hp.trainable
+        out["trainable_params"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return out
+
+    def save_adapter(self, folder, extra: Optional[Dict[str, Any]] = None) -> None:
+        """The unmerged masked adapters, their config and the masks (``wanda_pl.lora.load_adapter``)."""
+        from .. import lora
+
+        lora.save_adapter(self.model, folder, self.masks, {"base_model": self.path, **(extra or {})})
+
+    def merge_lora(self) -> int:
+        """Merge the adapters into the weights, in place (``W + K * (B A) * scaling``); returns how many."""
+        from .. import lora
+
+        return len(lora.merge(self.model))
 
     @staticmethod
     def metrics_report(dense: Optional[Dict[str, float]], pruned: Dict[str, float]) -> Dict[str, Any]:
