@@ -1,7 +1,11 @@
 """Tiny models built in the test (well under 1M parameters) and offline tokenizers."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -88,3 +92,34 @@ def text_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("text") / "text.txt"
     p.write_text(TEXT * 4)
     return p
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def plain_argv():
+    """LightningCLI warns when it gets ``args`` while sys.argv holds pytest's own arguments."""
+    saved, sys.argv = sys.argv, [str(ROOT / "cli.py")]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def run_cli(args):
+    """Run ``cli.py`` in-process; returns (error message or None, stdout)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from cli import main
+
+    err, out = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), plain_argv():
+            main(args=list(args))
+    except SystemExit as e:  # jsonargparse reports some errors by exiting
+        if e.code not in (0, None):
+            return f"exit {e.code}: {err.getvalue()[-3000:]}", out.getvalue()
+    except Exception as e:  # noqa: BLE001 - the caller asserts on the message
+        return f"{type(e).__name__}: {e}", out.getvalue()
+    return None, out.getvalue()

@@ -44,29 +44,7 @@ def base_args(model_dir, text_file, out, *extra):
     ]
 
 
-@contextlib.contextmanager
-def plain_argv():
-    """LightningCLI warns when it gets ``args`` while sys.argv holds pytest's arguments."""
-    saved = sys.argv
-    sys.argv = [str(ROOT / "cli.py")]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
-def run_cli(args):
-    """Run the CLI in-process; returns (error message or None, stdout)."""
-    err, out = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), plain_argv():
-            main(args=list(args))
-    except SystemExit as e:  # jsonargparse reports some errors by exiting
-        if e.code not in (0, None):
-            return f"exit {e.code}: {err.getvalue()}", out.getvalue()
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}", out.getvalue()
-    return None, out.getvalue()
+from conftest import plain_argv, run_cli  # noqa: E402,F401  (shared in-process CLI runner)
 
 
 @pytest.fixture

@@ -258,29 +258,7 @@ def test_lora_forward_equals_merge_with_dropout_off_and_is_masked(tiny_dirs):
 
 
 # --------------------------------------------------------------------------- the fit command
-@contextlib.contextmanager
-def plain_argv():
-    saved = sys.argv
-    sys.argv = [str(ROOT / "cli.py")]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
-def run_cli(args):
-    from cli import main
-
-    err, out = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), plain_argv():
-            main(args=list(args))
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return f"exit {e.code}: {err.getvalue()[-3000:]}", out.getvalue()
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}", out.getvalue()
-    return None, out.getvalue()
+from conftest import plain_argv, run_cli  # noqa: E402,F401  (shared in-process CLI runner)
 
 
 def common(text_file, out):
