@@ -70,6 +70,16 @@ def tiny_model(family: str = "llama", seed: int = 0):
     return model
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine OpenMP spinning slows them a lot.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

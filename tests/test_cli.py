@@ -24,13 +24,7 @@ from wanda_pl.hub import EMBEDDED_MODELS  # noqa: E402
 SEQLEN, NSAMPLES, WINDOWS = 32, 4, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine OpenMP spinning slows them a lot."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def base_args(model_dir, text_file, out, *extra):

@@ -21,14 +21,7 @@ from wanda_pl.sparsity import SparsitySpec
 NSAMPLES, SEQLEN = 4, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine OpenMP spinning slows them a lot.
-    (Masks are compared between runs in the same process, so the thread count cannot matter.)"""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- the slow reference

@@ -33,16 +33,7 @@ CASES = [
 TIMES = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matmuls gain nothing from threads; on a busy 2-core machine OpenMP's spinning threads made
-    each in-process run 5-8x slower (about 1 s -> 4-8 s). Restored after this module."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_prune(model_dir, text_file, out, method, sparsity_type, *extra):

@@ -26,12 +26,7 @@ from wanda_pl.report import overall_sparsity  # noqa: E402
 SEQLEN, NSAMPLES = 32, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def datamodule(text_file):
