@@ -55,10 +55,13 @@ def tiny_config(family: str, vocab_size: int = 256):
     if family == "opt":
         return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                             word_embed_proj_dim=64, **common)
+    if family == "gemma2":  # alternating sliding-window / full attention: blocks get different masks
+        return tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, sliding_window=8, **common)
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt")
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt", "gemma2")
 
 
 def tiny_model(family: str = "llama", seed: int = 0):

@@ -141,7 +141,7 @@ def assert_same_weights(a: nn.Module, b: nn.Module):
 
 
 # --------------------------------------------------------------------------- engine == slow
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2"])
 @pytest.mark.parametrize("sparsity_type", ["unstructured", "2:4"])
 def test_engine_matches_slow_full_forward(tiny_dirs, calib, family, sparsity_type):
     spec = SparsitySpec.parse(sparsity_type, 0.5)
@@ -318,7 +318,31 @@ def test_capture_stops_at_first_block(tiny_dirs, calib):
     module.prunable_blocks(calib)
     for h in handles:
         h.remove()
-    assert calls == [0] * NSAMPLES  # the hook fires, then capture stops: later blocks and the head never run
+    # all blocks get the same masks and rotary embeddings: the first sample runs up to the last block
+    # (to learn that), the others stop at the first; later blocks' bodies and the head never run
+    assert calls == [0, 1] + [0] * (NSAMPLES - 1)
+
+
+def test_blocks_with_their_own_arguments_get_them(tiny_dirs, calib):
+    """Gemma-2 alternates sliding-window (block 0) and full attention (block 1): the masks differ, and
+    each block must be replayed with its own, not block 0's (the engine-vs-slow test checks the masks)."""
+    module = CausalLM(str(tiny_dirs["gemma2"]))
+    _, blocks = find_blocks(module.model)
+    given = []
+    handles = [b.register_forward_pre_hook(lambda m, a, k, i=i: given.append((i, k)), with_kwargs=True)
+               for i, b in enumerate(blocks)]
+    module.model(calib[:1], use_cache=False)
+    for h in handles:
+        h.remove()
+    masks = [k["attention_mask"] for _, k in given]
+    assert masks[0] is not None and not torch.equal(masks[0], masks[1])
+    _, inputs = module.prunable_blocks(calib)
+    assert all(inp.per_block is not None for inp in inputs)
+    for b, m in zip(blocks, masks):
+        assert torch.equal(inputs[0].per_block[id(b)][1]["attention_mask"], m)
+    # a uniform model keeps one copy per sample
+    llama = CausalLM(str(tiny_dirs["llama"]))
+    assert all(inp.per_block is None for inp in llama.prunable_blocks(calib)[1])
 
 
 # --------------------------------------------------------------------------- a keyword-only model

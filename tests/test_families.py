@@ -18,10 +18,11 @@ REQUIRED = ("model", "method", "sparsity_type", "sparsity_ratio", "use_variant",
             "peak_memory_mb", "versions")
 
 # decoder-block linears of the tiny configs (2 blocks each)
-N_LAYERS = {"llama": 14, "mistral": 14, "qwen2": 14, "gpt2": 8, "opt": 12}
+N_LAYERS = {"llama": 14, "mistral": 14, "qwen2": 14, "gpt2": 8, "opt": 12, "gemma2": 14}
 LAYER_NAMES = {
     "llama": ("model.layers.", "q_proj"), "mistral": ("model.layers.", "q_proj"), "qwen2": ("model.layers.", "q_proj"),
     "gpt2": ("transformer.h.", "c_attn"), "opt": ("model.decoder.layers.", "q_proj"),
+    "gemma2": ("model.layers.", "q_proj"),
 }
 
 CASES = [
@@ -59,7 +60,7 @@ def run_prune(model_dir, text_file, out, method, sparsity_type, *extra):
 
 
 @pytest.mark.parametrize("method,sparsity_type", CASES)
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "opt", "gemma2"])
 def test_family_prunes_end_to_end(tiny_dirs, text_file, tmp_path, family, method, sparsity_type):
     out = tmp_path / "out"
     elapsed = run_prune(tiny_dirs[family], text_file, out, method, sparsity_type)

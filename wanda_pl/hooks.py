@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,15 +28,21 @@ def move(obj: Any, device) -> Any:
 class BlockInput:
     """Everything one sample passes to a block: the hidden state (first positional
     argument) plus every other positional and keyword argument the model gave it
-    (attention mask, position ids, ``position_embeddings``, cache position, ...)."""
+    (attention mask, position ids, ``position_embeddings``, cache position, ...).
+
+    Most models give every block the same other arguments. Some do not (Gemma-2/3: sliding-window
+    and full-attention layers get different masks and rotary embeddings): ``per_block`` then maps
+    ``id(block)`` to that block's own ``(args, kwargs)``, shared between blocks that get the same."""
 
     hidden: torch.Tensor
     args: tuple = ()
     kwargs: Dict[str, Any] = field(default_factory=dict)
     key: Optional[str] = None  # set when the model passed the hidden state by keyword
+    per_block: Optional[Dict[int, Tuple[tuple, Dict[str, Any]]]] = None
 
     def call(self, block: nn.Module, device) -> torch.Tensor:
-        hidden, args, kwargs = self.hidden.to(device), move(self.args, device), move(self.kwargs, device)
+        args, kwargs = self.per_block.get(id(block), (self.args, self.kwargs)) if self.per_block else (self.args, self.kwargs)
+        hidden, args, kwargs = self.hidden.to(device), move(args, device), move(kwargs, device)
         out = block(*args, **kwargs, **{self.key: hidden}) if self.key else block(hidden, *args, **kwargs)
         # HF blocks return a tensor (transformers >= 4.54 Llama) or a tuple (GPT-2, OPT, older).
         return out[0] if isinstance(out, (tuple, list)) else out
@@ -46,37 +52,98 @@ class _Captured(Exception):
     pass
 
 
+def _split(args: tuple, kwargs: Dict[str, Any]) -> Tuple[torch.Tensor, tuple, Dict[str, Any], Optional[str]]:
+    """(hidden state, other positional args, other kwargs, the hidden state's keyword or None)."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs), None
+    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))  # passed by keyword
+    kwargs = dict(kwargs)
+    return kwargs.pop(key), (), kwargs, key
+
+
+def same_arguments(a: Any, b: Any) -> bool:
+    """Whether two blocks got the same non-hidden arguments (tensors by value, other objects by identity
+    or equality): decides whether one captured copy can stand for both."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_arguments(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_arguments(a[k], b[k]) for k in a)
+    if isinstance(a, (int, float, str, bool, type(None))) and isinstance(b, (int, float, str, bool, type(None))):
+        return a == b
+    return False  # distinct objects of other kinds (e.g. two cache objects): assume they matter
+
+
 def capture_inputs(
-    model: nn.Module, first: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any], store_device="cpu"
+    model: nn.Module,
+    blocks: Union[nn.Module, Sequence[nn.Module]],
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any],
+    store_device="cpu",
 ) -> List[BlockInput]:
-    """Run ``forward(model, batch)`` for each batch, stopping at ``first`` and keeping its inputs.
+    """Run ``forward(model, batch)`` for each batch, keeping the inputs of the first block.
 
-    Stopping there means only the stem (embeddings) runs: the rest of the model is never
-    computed for capture."""
+    With the whole list of ``blocks``, the first batch runs through every block to learn which
+    blocks get other arguments than the first one (:class:`BlockInput` ``per_block``); later
+    batches stop at the first block of the last kind, so usually (all blocks alike) only the stem
+    (embeddings) ever runs for capture."""
+    blocks = [blocks] if isinstance(blocks, nn.Module) else list(blocks)
+    position = {id(b): i for i, b in enumerate(blocks)}
     captured: List[BlockInput] = []
+    kinds: List[Tuple[int, tuple, Dict[str, Any]]] = []  # (first block, args, kwargs) of each distinct kind
+    kind_of: List[int] = []  # per block, its kind (learned on the first batch)
+    state = {"stop": len(blocks) - 1, "first_batch": True}
+    seen: Dict[int, Tuple[tuple, Dict[str, Any]]] = {}
 
-    def hook(_module, args, kwargs):
-        if not args:  # some models pass the hidden state by keyword
-            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-            kwargs = dict(kwargs)
-            hidden = kwargs.pop(key)
-            captured.append(BlockInput(hidden.detach().to(store_device), (), _detach(kwargs, store_device), key))
-        else:
-            captured.append(BlockInput(args[0].detach().to(store_device), _detach(args[1:], store_device),
-                                       _detach(kwargs, store_device)))
-        raise _Captured
+    def hook(module, args, kwargs):
+        i = position[id(module)]
+        hidden, other, kw, key = _split(args, kwargs)
+        if i == 0:
+            captured.append(BlockInput(hidden.detach().to(store_device), key=key))
+        if state["first_batch"]:
+            for k, (_, a, b) in enumerate(kinds):
+                if same_arguments(a, other) and same_arguments(b, kw):
+                    kind_of.append(k)
+                    break
+            else:
+                kind_of.append(len(kinds))
+                kinds.append((i, other, kw))
+        if not state["first_batch"] or i == 0:
+            seen[i] = (_detach(other, store_device), _detach(kw, store_device))
+        if i >= state["stop"]:
+            raise _Captured
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
     try:
         with torch.no_grad():
-            for batch in batches:
+            for n, batch in enumerate(batches):
+                seen.clear()
                 try:
                     forward(model, batch)
                 except _Captured:
-                    continue
-                raise RuntimeError("the first block was never called during the forward pass; cannot capture its inputs")
+                    pass
+                else:
+                    if n or len(kind_of) != len(blocks):
+                        raise RuntimeError("the first block was never called during the forward pass; "
+                                           "cannot capture its inputs" if not kind_of else
+                                           f"only {len(kind_of)} of the {len(blocks)} blocks were called in order")
+                if state["first_batch"]:
+                    for k, (first, other, kw) in enumerate(kinds):
+                        seen[first] = (_detach(other, store_device), _detach(kw, store_device))
+                    state["first_batch"], state["stop"] = False, max(first for first, _, _ in kinds)
+                    kinds_first = [first for first, _, _ in kinds]
+                    kinds.clear()  # drop the references to the first batch's tensors
+                inp = captured[-1]
+                inp.args, inp.kwargs = seen[0]
+                if len(kinds_first) > 1:
+                    inp.per_block = {id(b): seen[kinds_first[kind_of[i]]] for i, b in enumerate(blocks)}
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return captured
 
 

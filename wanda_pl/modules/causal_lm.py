@@ -114,7 +114,7 @@ class CausalLM(L.LightningModule):
             return named, []
         device = next(self.model.parameters()).device
         inputs = capture_inputs(
-            self.model, blocks[0], calibration.split(1),
+            self.model, blocks, calibration.split(1),
             lambda m, ids: m(input_ids=ids.to(device), use_cache=False), store_device,
         )
         return named, inputs
