@@ -1,13 +1,15 @@
 """Dense vs magnitude vs Wanda on the embedded EfficientNet-Lite0 (its 1x1 convolutions).
 
-    python benchmarks/vision_prune.py [--ratios 0.3 0.5 0.7] [--nsamples 512] [--bn-recalibration 128]
+    python benchmarks/vision_prune.py [--ratios 0.3 0.4 0.5 0.7] [--nsamples 512] [--bn-recalibration 128]
                                       [--out benchmarks/results/vision_prune.md]
 
 Targets: every conv_pw / conv_pwl inside the blocks (``Classifier(convs=True)`` defaults; stem,
 depthwise convs, conv_head and classifier stay dense). Calibration: ``nsamples`` images drawn
 with replacement (seed 0) from ``imagenet-photos/train`` (scikit-image photos + CIFAR-100), through
-the model's eval transform; statistics from the dense forward (the reference's vision setting),
-gathered once and shared by every ratio. Metrics: top-1 / top-5 on the 20 labelled ImageNet
+the model's eval transform. Wanda twice: with statistics from the dense forward (the reference's
+vision setting, gathered once and shared by every ratio) and block-sequential (``propagate``:
+each of the 16 blocks calibrates on the output of the already pruned blocks before it, as the
+LLM path; the engine run by ``cli.py prune`` with ``calibration.propagate: true``). Metrics: top-1 / top-5 on the 20 labelled ImageNet
 photos (``imagenet-photos/val``), and top-1 agreement with the dense model on the 305 unlabelled
 ``natural-images`` (the low-noise measure of pruning damage).
 
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from wanda_pl.engine import PruneResult, prune_layers  # noqa: E402
+from wanda_pl.engine import PruneResult, prune_layers, prune_sequential  # noqa: E402
 from wanda_pl.hooks import collect_stats  # noqa: E402
 from wanda_pl.methods import PruneOptions, get_method  # noqa: E402
 from wanda_pl.modules.classifier import Classifier  # noqa: E402
@@ -76,8 +78,9 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor, dense_top1: torch.Tenso
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda"])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.7])
+    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "wanda (sequential)"],
+                    help="'<method> (sequential)': block by block on pruned activations")
     ap.add_argument("--nsamples", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -115,14 +118,24 @@ def main() -> None:
     stats = dict(stats)
     print(f"{len(targets)} target layers, statistics from {len(calib)} images in {t_calib:.1f} s", flush=True)
 
+    t_seq = 0.0
     for method_name in args.methods:
-        method = get_method(method_name)
+        sequential = method_name.endswith(" (sequential)")
+        method = get_method(method_name.replace(" (sequential)", ""))
         for ratio in args.ratios:
             module = copy.deepcopy(dense)
             mod_targets = module.all_targets()
             spec = SparsitySpec.parse("unstructured", ratio)
-            result = PruneResult()
-            prune_layers(mod_targets, stats if method.needs_activations else {}, method, spec, PruneOptions(), result)
+            if sequential:
+                t1 = time.perf_counter()
+                units, inputs = module.prunable_blocks(calib, "cpu")
+                prune_sequential(units, inputs, module.block_targets, method, spec, PruneOptions(), propagate=True,
+                                 progress=False)
+                t_seq += time.perf_counter() - t1
+                del inputs
+            else:
+                prune_layers(mod_targets, stats if method.needs_activations else {}, method, spec, PruneOptions(),
+                             PruneResult())
             res = evaluate(predict(module, images, args.batch_size), labels, dense_top1)
             rows.append((method_name, ratio, overall_sparsity(mod_targets), res))
             print(f"{method_name} {ratio:.0%}: {res}", flush=True)
@@ -143,7 +156,9 @@ def main() -> None:
         f"({params:,} weights, {params / total:.0%} of the model); stem, depthwise convs, `conv_head` and classifier dense.",
         f"Calibration: {args.nsamples} images drawn with replacement (seed {args.seed}) from the "
         f"{len(dm.calibration_files)} `imagenet-photos/train` images (scikit-image photos, 5 views each, + 20 CIFAR-100), "
-        "model eval transform, statistics from the dense forward. Wanda: per-output-row comparison; "
+        "model eval transform. 'wanda': statistics of every layer from the dense forward (the reference's vision "
+        "setting); 'wanda (sequential)': block by block, each of the 16 blocks calibrated on the outputs of the already "
+        "pruned blocks (`calibration.propagate: true`, the engine's LLM setting). Wanda: per-output-row comparison; "
         "magnitude: one threshold per layer (the paper's defaults). No fine-tuning."
         + (f" '+ BN recalibration' rows: the same pruned weights, BatchNorm running statistics re-estimated on "
            f"the first {args.bn_recalibration} calibration images." if args.bn_recalibration else
@@ -160,7 +175,7 @@ def main() -> None:
             f"{r['top5']}/{r['labelled']} ({r['top5'] / r['labelled']:.0%}) | {r['agree_unl']:.1%} | {r['agree_all']:.1%} |")
     lines += ["", f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads; total {time.perf_counter() - t0:.0f} s "
-              f"(calibration statistics {t_calib:.0f} s)."]
+              f"(dense calibration statistics {t_calib:.0f} s; sequential pruning runs {t_seq:.0f} s in all)."]
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)

@@ -1,9 +1,15 @@
 """LightningModule around a timm image classifier: top-1 / top-5 accuracy and top-1 agreement.
 
-Pruning plan (the reference's image-classifier setting): ONE unit, the whole network. The
-statistics of every target layer come from the dense forward of the calibration images (the
-engine's pass 1); nothing is re-run between layers (recipes set ``calibration.propagate: false``
-so the engine skips its pointless pass 2).
+Pruning plan: the same block-sequential engine as the LLM path. The units are the repeated
+blocks, in the order the network runs them (``blocks`` / ``stages`` / ``layers`` / ``layerN``,
+nested ``nn.Sequential`` flattened: ViT/DeiT ``blocks.N``, EfficientNet ``blocks.S.N``, ConvNeXt
+``stages.S``, ResNet ``layerK.N``); the stem runs once to capture the first block's input. With
+``calibration.propagate: true`` each block calibrates on the activations of the already pruned
+blocks before it; ``false`` gives the reference's setting exactly (every statistic from the
+dense forward). The chain is checked on one image before use (each unit called once, in order,
+on the previous unit's output, with no other argument); a model that is not such a chain, or
+targets outside it (``head``, the stem), fall back to ONE unit, the whole network, whose
+statistics always come from the dense forward.
 
 Default targets: the Linear layers inside the repeated blocks (ViT / DeiT ``blocks.N.attn.qkv``,
 ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``; ConvNeXt ``stages.S.blocks.N.mlp.fc1/fc2``, also when
@@ -37,12 +43,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..adapters import is_prunable, select_targets
-from ..hooks import BlockInput
+from ..hooks import BlockInput, capture_inputs
 
 log = logging.getLogger(__name__)
 
 # A layer is "inside a block" when its name has one of these (timm naming).
 BLOCK_PATTERNS = (r"(^|\.)blocks\.\d+\.", r"^layer\d+\.\d+\.")
+# Containers of the repeated blocks, children of the timm model, run one after the other.
+CHAIN_CONTAINERS = re.compile(r"^(blocks|stages|layers|layer\d+)$")
 # Never pruned by default, even inside a block.
 DEFAULT_EXCLUDE = (r"(^|\.)downsample(\.|$)", r"(^|\.)se\.", r"(^|\.)head(\.|$)")
 
@@ -73,18 +81,20 @@ def _saved_folder(path: Path) -> Tuple[Path, Dict[str, Any]]:
 
 @dataclass
 class ImageInput(BlockInput):
-    """One calibration batch of uint8 pixels; normalized on the way into the network, which
-    runs in eval mode (BatchNorm statistics must not move during calibration)."""
+    """One calibration batch: uint8 pixels (normalized on the way in, with ``mean``/``std``) or a
+    block's float input. Units always run in eval mode: BatchNorm statistics must not move and
+    dropout must not fire during calibration, even when pruning starts a ``fit``."""
 
     mean: Optional[torch.Tensor] = None
     std: Optional[torch.Tensor] = None
 
     def call(self, block: nn.Module, device) -> torch.Tensor:
-        x = normalize(self.hidden.to(device), self.mean.to(device), self.std.to(device))
         was_training = block.training
         block.eval()
         try:
-            return block(x)
+            if self.mean is None:
+                return super().call(block, device)
+            return block(normalize(self.hidden.to(device), self.mean.to(device), self.std.to(device)))
         finally:
             block.train(was_training)
 
@@ -238,18 +248,46 @@ class Classifier(L.LightningModule):
     def prunable_blocks(
         self, calibration: Optional[torch.Tensor], store_device="cpu"
     ) -> Tuple[List[Tuple[str, nn.Module]], List[BlockInput]]:
-        """One unit, the whole network; inputs = the calibration images in batches."""
-        units = [("", self.model)]
-        if calibration is None:
-            return units, []
-        if calibration.dim() != 4 or calibration.shape[1] != 3:
+        """The units to prune in order and the calibration inputs of the first one."""
+        if calibration is not None and (calibration.dim() != 4 or calibration.shape[1] != 3):
             raise ValueError(f"calibration images must be (N, 3, H, W), got {tuple(calibration.shape)}")
         mean, std = self.pixel_mean.cpu(), self.pixel_std.cpu()
-        inputs: List[BlockInput] = [
-            ImageInput(hidden=batch.to(store_device), mean=mean, std=std)
-            for batch in calibration.split(self.hparams.calibration_batch_size)
-        ]
-        return units, inputs
+        batches = [] if calibration is None else calibration.split(self.hparams.calibration_batch_size)
+        units = self.units(batches[0][:1] if batches else None)
+        if calibration is None:
+            return units, []
+        pixels = [ImageInput(hidden=b.to(store_device), mean=mean, std=std) for b in batches]
+        if units[0][1] is self.model:
+            return units, pixels
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            captured = capture_inputs(self.model, units[0][1], pixels, lambda m, p: p.call(m, device), store_device)
+        finally:
+            self.model.train(was_training)
+        return units, [ImageInput(hidden=c.hidden, args=c.args, kwargs=c.kwargs, key=c.key) for c in captured]
+
+    def units(self, probe: Optional[torch.Tensor] = None) -> List[Tuple[str, nn.Module]]:
+        """The block chain (see the module docstring), or ``[("", model)]`` when it cannot be used.
+
+        ``probe``: one uint8 image to check the chain with (without one, the chain is trusted)."""
+        whole = [("", self.model)]
+        chain = block_chain(self.model)
+        if not chain:
+            return whole
+        inside = {n for name, unit in chain for n in self.block_targets(name, unit)}
+        outside = sorted(set(self.all_targets()) - inside)
+        if outside:
+            log.info("targets outside the block chain (%s): one unit, statistics from the dense forward", outside[:3])
+            return whole
+        if probe is not None:
+            problem = chain_problem(self.model, chain, normalize(probe.to(self.device), self.pixel_mean, self.pixel_std))
+            if problem:
+                log.info("%s does not run its blocks as a plain chain (%s): one unit, statistics from the dense "
+                         "forward", self.timm_name, problem)
+                return whole
+        return chain
 
     def block_targets(self, name: str, unit: nn.Module) -> Dict[str, nn.Module]:
         hp = self.hparams
@@ -427,3 +465,57 @@ def _unfoldable(name: str, module: nn.Module, explicit: bool) -> bool:
                                                  name, type(module).__name__, module.kernel_size)
         return False
     return True
+
+
+def block_chain(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The repeated blocks in registration order: children of the ``CHAIN_CONTAINERS``
+    ``nn.Sequential`` containers, nested ``nn.Sequential`` (EfficientNet stages) flattened."""
+
+    def flatten(name: str, seq: nn.Sequential) -> List[Tuple[str, nn.Module]]:
+        out: List[Tuple[str, nn.Module]] = []
+        for n, child in seq.named_children():
+            full = f"{name}.{n}"
+            out += flatten(full, child) if isinstance(child, nn.Sequential) else [(full, child)]
+        return out
+
+    chain: List[Tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.Sequential) and CHAIN_CONTAINERS.match(name):
+            chain += flatten(name, child)
+    return chain
+
+
+@torch.no_grad()
+def chain_problem(model: nn.Module, chain: List[Tuple[str, nn.Module]], x: torch.Tensor) -> Optional[str]:
+    """Why ``chain`` is not what ``model(x)`` runs (None when it is): every unit called exactly
+    once, in order, with one tensor argument that is the previous unit's output."""
+    calls: List[Tuple[int, Any, Any]] = []
+    position = {id(unit): i for i, (_, unit) in enumerate(chain)}
+
+    def pre(module, args, kwargs):
+        calls.append((position[id(module)], args, kwargs))
+
+    def post(module, _args, _kwargs, output):
+        calls[-1] = calls[-1] + (output,)
+
+    handles = [unit.register_forward_pre_hook(pre, with_kwargs=True) for _, unit in chain]
+    handles += [unit.register_forward_hook(post, with_kwargs=True) for _, unit in chain]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    order = [c[0] for c in calls]
+    if order != list(range(len(chain))):
+        return f"units called in the order {order[:8]}..., not once each in order"
+    for i, (_, args, kwargs, *out) in enumerate(calls):
+        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            return f"{chain[i][0]} takes more than one tensor"
+        if not out or not isinstance(out[0], torch.Tensor):
+            return f"{chain[i][0]} does not return one tensor"
+        if i and args[0] is not calls[i - 1][3]:
+            return f"{chain[i][0]} does not take {chain[i - 1][0]}'s output"
+    return None

@@ -1,0 +1,151 @@
+"""Image classifiers on the block-sequential engine: the chain of blocks, checked against slow
+full-network implementations written here (no engine, one full forward per block)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from wanda_pl.engine import prune_sequential
+from wanda_pl.hooks import collect_stats
+from wanda_pl.methods import PruneOptions, get_method
+from wanda_pl.sparsity import SparsitySpec
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2), False),
+    "convnext": ("convnext_atto", dict(depths=(1, 2, 1, 1), dims=(8, 16, 24, 32)), False),
+    "efficientnet": ("mobilenetv2_035", dict(), True),  # timm's EfficientNet class, as Lite0 (0.4M parameters)
+    "resnet": ("resnet10t", dict(channels=(8, 16, 24, 32), stem_width=8), True),
+}
+
+
+def _module(family, **kw):
+    from wanda_pl.modules.classifier import Classifier
+
+    name, model_kwargs, convs = TINY[family]
+    torch.manual_seed(0)
+    module = Classifier(name=name, num_classes=5, convs=convs, calibration_batch_size=3, model_kwargs=model_kwargs, **kw)
+    with torch.no_grad():  # BatchNorm statistics of a trained net, not the identity of a fresh one
+        for m in module.model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return module
+
+
+def _images(module, n=7, seed=1):
+    size = [min(s, 64) for s in module.data_config["input_size"][1:]]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, *size), generator=g, dtype=torch.uint8)
+
+
+def slow_prune(module, images, method, spec, propagate):
+    """Wanda the obvious way: for each block in order, a full forward of the network from the pixels
+    with hooks on that block's targets (on the model pruned so far, or on a dense copy), then prune it."""
+    import copy
+
+    model = module.model.eval()
+    dense = copy.deepcopy(model)
+    m = get_method(method)
+    masks = {}
+    for unit_name, unit in module.units(images[:1]):
+        targets = module.block_targets(unit_name, unit)
+        source = model if propagate else dense
+        with torch.no_grad(), collect_stats({n: source.get_submodule(n) for n in targets}) as stats:
+            for batch in images.split(3):
+                source(module_normalize(module, batch))
+        for name, layer in targets.items():
+            w = layer.weight.detach().reshape(layer.weight.shape[0], -1).float()
+            mask, _ = m(w, stats[name], spec, PruneOptions())
+            with torch.no_grad():
+                layer.weight.masked_fill_(mask.reshape(layer.weight.shape), 0)
+            masks[name] = mask.reshape(layer.weight.shape)
+    return masks
+
+
+def module_normalize(module, batch):
+    from wanda_pl.modules.classifier import normalize
+
+    return normalize(batch, module.pixel_mean, module.pixel_std)
+
+
+def engine_prune(module, images, method, spec, propagate):
+    units, inputs = module.prunable_blocks(images)
+    return prune_sequential(units, inputs, module.block_targets, get_method(method), spec, PruneOptions(),
+                            propagate=propagate, progress=False).masks
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_the_chain_is_the_repeated_blocks_and_holds_every_target(family):
+    module = _module(family)
+    units = module.units(_images(module, 1))
+    assert len(units) > 1 and all(u is not module.model for _, u in units)
+    prefix = {"vit": "blocks.", "convnext": "stages.", "efficientnet": "blocks.", "resnet": "layer"}[family]
+    assert all(name.startswith(prefix) for name, _ in units)
+    covered = {n for name, unit in units for n in module.block_targets(name, unit)}
+    assert covered == set(module.all_targets()) and covered
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("propagate", [True, False])
+def test_engine_masks_equal_a_full_forward_per_block(family, propagate):
+    spec = SparsitySpec.parse("unstructured", 0.5)
+    images = _images(_module(family))
+    expected = slow_prune(_module(family), images, "wanda", spec, propagate)
+    got = engine_prune(_module(family), images, "wanda", spec, propagate)
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_propagation_changes_the_masks_of_later_blocks():
+    spec = SparsitySpec.parse("unstructured", 0.6)
+    images = _images(_module("vit"))
+    on = engine_prune(_module("vit"), images, "wanda", spec, True)
+    off = engine_prune(_module("vit"), images, "wanda", spec, False)
+    first = [n for n in on if n.startswith("blocks.0.")]
+    assert all(torch.equal(on[n], off[n]) for n in first)  # block 0 sees the same input either way
+    assert any(not torch.equal(on[n], off[n]) for n in on if not n.startswith("blocks.0."))
+
+
+def test_targets_outside_the_chain_fall_back_to_one_dense_unit():
+    module = _module("vit", targets=[r"^head$", r"mlp\.fc1"])
+    assert module.units(_images(module, 1)) == [("", module.model)]
+    images = _images(module)
+    spec = SparsitySpec.parse("unstructured", 0.5)
+    expected = slow_prune(_module("vit", targets=[r"^head$", r"mlp\.fc1"]), images, "wanda", spec, False)
+    got = engine_prune(module, images, "wanda", spec, True)
+    assert set(got) == {"head", "blocks.0.mlp.fc1", "blocks.1.mlp.fc1", "blocks.2.mlp.fc1"}
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_a_model_that_is_not_a_chain_is_detected():
+    from wanda_pl.modules.classifier import chain_problem
+
+    class Skip(nn.Module):  # block 1 takes the network input, not block 0's output
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+        def forward(self, x):
+            self.blocks[0](x)
+            return self.blocks[1](x)
+
+    model = Skip()
+    chain = [("blocks.0", model.blocks[0]), ("blocks.1", model.blocks[1])]
+    assert "does not take blocks.0's output" in chain_problem(model, chain, torch.randn(2, 4))
+    plain = nn.Sequential()
+    plain.blocks = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    chain = [(f"blocks.{i}", m) for i, m in enumerate(plain.blocks)]
+    assert chain_problem(plain, chain, torch.randn(2, 4)) is None
+
+
+def test_calibration_leaves_train_mode_and_batchnorm_statistics_alone():
+    module = _module("efficientnet")
+    module.model.train()
+    bn = next(m for m in module.model.modules() if isinstance(m, nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    engine_prune(module, _images(module), "wanda", SparsitySpec.parse("unstructured", 0.5), True)
+    assert module.model.training and torch.equal(bn.running_mean, before)
