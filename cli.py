@@ -96,6 +96,27 @@ def main(args: Optional[list] = None) -> None:
             sys.exit("usage: python cli.py assets   (fetch and verify every embedded asset; prints {name: path} as JSON)")
         print(json.dumps(ensure_all(), indent=2))
         return
+    try:
+        _run_cli(args)
+    except ValueError as err:
+        inner = _union_errors(str(err))
+        if inner is None:
+            raise
+        raise ValueError(inner) from None
+
+
+def _union_errors(message: str) -> Optional[str]:
+    """The real reason inside jsonargparse's "Does not validate against any of the Union subtypes"
+    (how subclass mode reports an error raised by a --model.* / --data.* constructor), or None."""
+    if not message.startswith("Does not validate against any of the Union subtypes"):
+        return None
+    body = message.split("Errors:", 1)[-1].split("\nGiven value type:", 1)[0]
+    reasons = [line.strip()[2:] for line in body.splitlines() if line.strip().startswith("- ")]
+    reasons = [r for r in reasons if not r.startswith("Expected a <class 'NoneType'>")]
+    return "\n".join(reasons) or None
+
+
+def _run_cli(args: Optional[list]) -> None:
     WandaCLI(
         L.LightningModule,
         L.LightningDataModule,

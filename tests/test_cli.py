@@ -90,6 +90,7 @@ def test_bad_input_fails_early_without_output(tiny_dirs, text_file, tmp_path, co
     assert error is not None, "the run should have failed"
     for text in expected:
         assert text.replace("{tmp}", str(tmp_path)) in error, (text, error)
+    assert "Union subtypes" not in error  # the reason itself, not jsonargparse's wrapper around it
     assert count_validations == []  # failed before any validation / pruning
     assert not (tmp_path / "sub").exists()  # no output dir, not even its parent
 

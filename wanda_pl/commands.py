@@ -57,6 +57,9 @@ def prune(
         t0 = time.perf_counter()
         dense = _validate(trainer, model, datamodule) if validate_dense else None
         t_eval = time.perf_counter() - t0
+        if dense is not None and trainer.is_global_zero:  # the baseline now, not only after the long pruning
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in dense.items() if isinstance(v, float))
+            print(f"dense baseline ({t_eval:.0f} s): {shown}", flush=True)
 
         pruning.enabled = True
         t0 = time.perf_counter()
