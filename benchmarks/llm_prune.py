@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=None, help="default: magnitude wanda (+ sparsegpt if available)")
     ap.add_argument("--types", nargs="+", default=["unstructured", "4:8", "2:4"])
     ap.add_argument("--ablations", action="store_true", help="add sparsegpt and the four OBS-update ablations at 50%%")
+    ap.add_argument("--plan", nargs="+", metavar="METHOD/TYPE",
+                    help="exactly these rows instead (e.g. wanda/2:4 ablate_mag_seq/unstructured): to fill in a table")
     args = ap.parse_args()
 
     available = method_names()
@@ -42,6 +44,11 @@ def main() -> None:
     plan = [(m, t) for t in args.types for m in methods]
     if args.ablations:
         plan += [(m, "unstructured") for m in ABLATIONS if m in available]
+    if args.plan:
+        plan = [tuple(p.split("/", 1)) for p in args.plan]
+        unknown = [m for m, _ in plan if m not in available]
+        if unknown or any(len(p) != 2 for p in plan):
+            ap.error(f"--plan takes METHOD/TYPE with METHOD in {available}; got {args.plan}")
     report = None
     for method, stype in plan:
         report = runner.run(method=method, sparsity_type=stype, sparsity_ratio=None if ":" in stype else 0.5)
@@ -50,7 +57,8 @@ def main() -> None:
                     f"{ts['prune']:.2f} | {ts['calibration']:.1f} | {ts['total']:.1f} |")
         print(rows[-1], flush=True)
     header = "| method | sparsity | perplexity | actual sparsity | mask+update time (s) | calibration forward (s) | total (s) |"
-    write_table("llm_prune_ablations" if args.ablations else "llm_prune", header, rows,
+    name = "llm_prune_plan" if args.plan else "llm_prune_ablations" if args.ablations else "llm_prune"
+    write_table(name, header, rows,
                 settings_of(report or {}, ratio=0.5, dense_ppl=dense))
 
 
