@@ -377,8 +377,8 @@ def test_ddp_two_processes_keep_the_masks(tiny_dirs, text_file, tmp_path, mode):
 
 
 def test_sharded_strategies_are_refused_clearly():
-    """Masks are kept on whole, named weights; FSDP / model-parallel shards hold flat pieces of them
-    (Lightning 2.6 refuses FSDP on CPU, so only this guard is testable here)."""
+    """Masks are kept on named weights (or their DTensor shards: tests/test_fsdp.py); FSDP1 shards hold
+    flat pieces of several weights (Lightning 2.6 refuses FSDP1 on CPU, so only this guard is testable here)."""
     from wanda_pl.callbacks.pruning import _check_strategy
 
     class FSDPStrategy:  # the class name is what the guard reads

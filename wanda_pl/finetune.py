@@ -138,9 +138,12 @@ def fit_and_report(
             "layers": layer_sparsity(targets),
             "config": config,
         }
+        from .sharding import full_state_dict
+
+        whole = full_state_dict(model.model) if save_model else None  # sharded: gathered by every rank
         if trainer.is_global_zero:
             if save_model:
-                model.save(stage / "model")
+                model.save(stage / "model", **({"state_dict": whole} if whole is not None else {}))
             if masks:
                 torch.save(masks, stage / "masks.pt")
             write_json(stage / "report.json", report)

@@ -245,9 +245,11 @@ def load_adapter(model: nn.Module, folder, freeze_base: bool = True) -> Dict[str
 
 def masked_nonzero(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> int:
     """How many pruned positions hold a non-zero weight (0 when every mask is kept)."""
+    from .sharding import full
+
     n = 0
     for name, mask in masks.items():
-        w = model.get_submodule(name).weight
-        n += int((w.detach()[mask.to(w.device)] != 0).sum())
+        w = full(model.get_submodule(name).weight.detach())  # sharded: gathered (every rank calls this)
+        n += int((w[mask.to(w.device)] != 0).sum())
     return n
 

@@ -15,14 +15,17 @@ from typing import Dict, Iterator, Mapping
 import torch
 import torch.nn as nn
 
+from .sharding import count_zeros
+
 
 def layer_sparsity(targets: Mapping[str, nn.Module]) -> Dict[str, float]:
-    return {name: float((m.weight == 0).sum()) / m.weight.numel() for name, m in targets.items()}
+    """Zeros per layer (sharded weights counted over all ranks: every rank must call this)."""
+    return {name: count_zeros(m.weight) / m.weight.numel() for name, m in targets.items()}
 
 
 def overall_sparsity(targets: Mapping[str, nn.Module]) -> float:
     """Zeros over all prunable weights (weighted by size, not a mean of layer ratios)."""
-    zeros = sum(int((m.weight == 0).sum()) for m in targets.values())
+    zeros = sum(count_zeros(m.weight) for m in targets.values())
     total = sum(m.weight.numel() for m in targets.values())
     return zeros / max(total, 1)
 

@@ -3,7 +3,12 @@
 Masks are explicit callback state (saved in checkpoints); weights stay dense-shaped and are
 edited in place. During fine-tuning, gradients of pruned weights are zeroed before each
 optimizer step and the weights re-masked after it, so momentum, weight decay or Adam's
-moments cannot revive a pruned weight."""
+moments cannot revive a pruned weight.
+
+Sharded weights (FSDP2's ``fully_shard`` or tensor parallelism: DTensors, with Lightning's
+``ModelParallelStrategy``) keep full-shape masks too: each rank cuts its piece of a mask as the
+weight is cut (same mesh and placements) and edits its local shard only; checkpoints hold full
+masks. FSDP1 (``FSDPStrategy``) and DeepSpeed hold flat pieces of several weights: refused."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..engine import PruneResult, check_targets, prune_sequential
 from ..methods import PruneOptions, get_method
+from ..sharding import full, is_dtensor, local, local_mask
 from ..sparsity import GRANULARITIES, SparsitySpec
 from .calibration import Calibration
 
@@ -71,7 +77,8 @@ class Pruning(Callback):
         self.masks_from = masks_from
         self.masks_source: Optional[str] = None  # where the current masks came from, for reports
         self.start_sparsity: Optional[float] = None  # measured when fitting starts, masks applied
-        self._live: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (trainable weight, mask on its device)
+        # (trainable weight, full mask, this rank's piece of it on the weight's device)
+        self._live: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._handles: list = []
         self.masks: Dict[str, torch.Tensor] = {}
         self.result: Optional[PruneResult] = None
@@ -115,7 +122,7 @@ class Pruning(Callback):
         """The masks of ``masks_from``: the zeros of the targets, or a mask file checked against them."""
         targets = pl_module.all_targets()
         if self.masks_from == "zeros":
-            masks = {name: (m.weight.detach() == 0).cpu() for name, m in targets.items()}
+            masks = {name: (full(m.weight.detach()) == 0).cpu() for name, m in targets.items()}
             if not any(bool(m.any()) for m in masks.values()):
                 log.warning("pruning.masks_from=zeros: the model has no zero weight in its targets (is it dense?)")
             return masks
@@ -131,6 +138,13 @@ class Pruning(Callback):
             self.masks = self.load_masks(pl_module)
             self.masks_source = f"masks_from:{self.masks_from}"
         elif self.enabled:
+            if _sharded(pl_module):
+                raise NotImplementedError(
+                    "the Pruning callback computes masks on whole weights, and this model's weights are sharded "
+                    f"({type(trainer.strategy).__name__}): prune first on one device or with ddp "
+                    "(prune --save_model true), then fit the sharded model with "
+                    "--pruning.masks_from <that output>/masks.pt"
+                )
             self.prune(trainer, pl_module)
         else:
             return False
@@ -141,8 +155,22 @@ class Pruning(Callback):
             self.apply(pl_module)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        """Masks from the checkpoint (restored before this hook), ``masks_from`` or pruning now; applied,
-        given to the module (masked LoRA), and kept through every optimizer step."""
+        """Masks from the checkpoint (restored before this hook, or before ``on_train_start`` where the
+        strategy restores after its setup), ``masks_from`` or pruning now; applied, given to the module
+        (masked LoRA), and kept through every optimizer step."""
+        if self.wants_masks or self.masks:
+            _check_strategy(trainer)  # early; _start checks again, masks restored from a checkpoint included
+        if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            # ModelParallelStrategy (and the other sharded ones) restore the checkpoint, this callback's
+            # masks and the weights included, only after on_fit_start: start once it is in place.
+            return
+        self._start(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer, pl_module) -> None:
         if self.wants_masks:
             self.obtain_masks(trainer, pl_module)
         if not self.masks:
@@ -157,7 +185,7 @@ class Pruning(Callback):
             share(self.masks)
         self.start_sparsity = _sparsity(pl_module)
         self._remove_hooks()
-        self._live = [(w, m.to(w.device)) for w, m in self._params(pl_module) if w.requires_grad]
+        self._live = [(w, m, local_mask(m, w)) for w, m in self._params(pl_module) if w.requires_grad]
         if self._live:
             # Right after every optimizer step that runs (AMP's skipped steps change nothing), with
             # gradient accumulation, manual optimization or several optimizers alike.
@@ -170,7 +198,7 @@ class Pruning(Callback):
         its mask: fine-tuning then keeps every zero, and the sparsity after equals the sparsity before."""
         extra = 0
         for name, mask in self.masks.items():
-            zeros = (pl_module.model.get_submodule(name).weight == 0).cpu()
+            zeros = (full(pl_module.model.get_submodule(name).weight) == 0).cpu()
             if (zeros & ~mask).any():
                 extra += int((zeros & ~mask).sum())
                 self.masks[name] = mask | zeros
@@ -197,18 +225,23 @@ class Pruning(Callback):
     @torch.no_grad()
     def apply(self, pl_module) -> None:
         for weight, mask in self._params(pl_module):
-            weight.masked_fill_(mask.to(weight.device), 0)
+            local(weight).masked_fill_(local_mask(mask, weight), 0)
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
-        for weight, mask in self._live:
-            weight.masked_fill_(mask, 0)
+        for weight, _, piece in self._live:
+            local(weight).masked_fill_(piece, 0)
 
+    @torch.no_grad()
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Before clipping and the step: pruned weights neither move nor count in a gradient norm.
-        for weight, mask in self._live:
-            if weight.grad is not None:
-                weight.grad.masked_fill_(mask, 0)
+        for weight, mask, piece in self._live:
+            grad = weight.grad
+            if grad is None:
+                continue
+            if is_dtensor(grad) and tuple(grad.placements) != tuple(weight.placements):
+                piece = local_mask(mask, grad)  # a gradient laid out unlike its weight: cut for it
+            local(grad).masked_fill_(piece, 0)
 
     def state_dict(self) -> dict:
         return {"masks": self.masks, "config": self.describe()}
@@ -219,16 +252,27 @@ class Pruning(Callback):
 
 
 def _sparsity(pl_module) -> Optional[float]:
+    """Zeros over all prunable weights; sharded weights are counted over all ranks (a collective)."""
     from ..report import overall_sparsity
 
     return overall_sparsity(pl_module.all_targets()) if hasattr(pl_module, "all_targets") else None
 
 
+def _sharded(pl_module) -> bool:
+    targets = getattr(pl_module, "all_targets", None)
+    return targets is not None and any(is_dtensor(m.weight) for m in targets().values())
+
+
 def _check_strategy(trainer) -> None:
-    """The masks are edited by layer name on whole weights; sharded strategies hold flat shards."""
+    """The masks are edited by layer name on whole weights, or on DTensor shards cut as the weights
+    are (ModelParallelStrategy / FSDP2); FSDP1 and DeepSpeed hold flat shards mixing several weights."""
     name = type(trainer.strategy).__name__
-    if name in ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy"):
+    if name in ("FSDPStrategy", "DeepSpeedStrategy"):
         raise NotImplementedError(
-            f"the Pruning callback keeps masks on whole, named weights; {name} shards them. Fine-tune a "
-            f"pruned model with ddp (or one device), or see the README on FSDP"
+            f"the Pruning callback keeps masks on named weights; {name} shards them into flat pieces of "
+            f"several weights that it cannot address. To shard a pruned model, use Lightning's "
+            f"ModelParallelStrategy (FSDP2: fully_shard in the LightningModule's configure_model; e.g. "
+            f"--trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy "
+            f"--trainer.strategy.data_parallel_size <devices> --trainer.strategy.tensor_parallel_size 1), "
+            f"or fine-tune with ddp or on one device"
         )

@@ -103,6 +103,26 @@ class CausalLM(L.LightningModule):
         self.train_losses: List[torch.Tensor] = []
         self._finetune_ready = False
 
+    # --- sharding (Lightning's ModelParallelStrategy: FSDP2) ---
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy, shard every decoder block and then the rest (embeddings, final
+        norm, head) with FSDP2 over the data-parallel mesh; other strategies: nothing to do."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(self._trainer.strategy if self._trainer else None, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):
+            return  # sharded already: the hook runs for each validate / fit
+        if self.hparams.finetune == "lora":
+            raise NotImplementedError("model.finetune=lora under ModelParallelStrategy (FSDP2) is not supported: "
+                                      "fine-tune LoRA with ddp or on one device, or use model.finetune=full")
+        mesh = self.device_mesh["data_parallel"]
+        for block in find_blocks(self.model)[1]:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
     # --- pruning plan (architecture knowledge stays in adapters) ---
     def prunable_blocks(
         self, calibration: Optional[torch.Tensor], store_device="cpu"
@@ -254,9 +274,12 @@ class CausalLM(L.LightningModule):
             line += "\nzero-shot accuracy (%):\n" + format_table((dense or {}).get("zero_shot") or {}, pruned["zero_shot"])
         return line
 
-    def save(self, folder) -> None:
-        """The (pruned) network as a Hugging Face folder that ``from_pretrained`` reloads."""
-        self.model.save_pretrained(folder, safe_serialization=True)
+    def save(self, folder, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """The (pruned) network as a Hugging Face folder that ``from_pretrained`` reloads.
+
+        ``state_dict``: the whole weights of a sharded model (``wanda_pl.sharding.full_state_dict``,
+        gathered on every rank before rank 0 saves)."""
+        self.model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(folder)
 
     def describe(self) -> Dict[str, Any]:
