@@ -363,3 +363,37 @@ def test_embedded_efficientnet_lite0_validates_at_least_17_of_20():
     assert metrics["labelled"] == 20
     assert metrics["top1_correct"] >= 17, metrics
     assert metrics["top5"] >= 0.9, metrics
+
+
+def test_fit_trains_in_train_mode_and_keeps_the_masks(tmp_path):
+    """Fine-tuning a pruned conv net: BatchNorm and dropout train (the module is built in eval mode),
+    every pruned weight stays zero through AdamW with weight decay, and the losses are recorded."""
+    from wanda_pl.callbacks import Calibration, Pruning
+    from wanda_pl.data.images import ImageFolderDataModule
+
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in range(3):
+            for i in range(n):
+                _write_png(tmp_path / "img" / split / str(cls) / f"{i}.png", rng)
+    torch.manual_seed(0)
+    module = _classifier("mobilenetv2_035", num_classes=3, convs=True, learning_rate=1e-2, weight_decay=0.1,
+                         calibration_batch_size=4)
+    dm = ImageFolderDataModule(root=str(tmp_path / "img"), nsamples=8, batch_size=4, seed=0)
+    dm.prepare_for(module)
+    modes = []
+    step = module.training_step
+    module.training_step = lambda batch, batch_idx: (modes.append(module.model.training), step(batch, batch_idx))[1]
+    bn = next(m for m in module.model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn_before = bn.running_mean.clone()
+    pruning = Pruning(method="wanda", sparsity_ratio=0.5, enabled=True)
+    trainer = _trainer(max_steps=4, max_epochs=-1, callbacks=[pruning, Calibration()])
+    trainer.fit(module, datamodule=dm)
+
+    assert modes == [True] * 4 and not module.model.training  # trained in train mode, left in eval mode
+    assert not torch.equal(bn.running_mean, bn_before)  # BatchNorm statistics followed the training batches
+    assert len(module.train_losses) == 4
+    assert pruning.masks and set(pruning.masks) == set(module.all_targets())
+    for name, mask in pruning.masks.items():
+        w = module.model.get_submodule(name).weight
+        assert bool((w[mask] == 0).all()) and bool((w[~mask] != 0).any()), name

@@ -175,6 +175,7 @@ class Classifier(L.LightningModule):
         self._labels: List[torch.Tensor] = []
         self._indices: List[torch.Tensor] = []
         self.last_metrics: Dict[str, Any] = {}
+        self.train_losses: List[torch.Tensor] = []
 
     # --- building ---
     def _build(self) -> Tuple[nn.Module, str, Optional[str]]:
@@ -390,10 +391,21 @@ class Classifier(L.LightningModule):
         self.reference = None
 
     # --- fine-tuning ---
+    def on_fit_start(self) -> None:
+        # Built in eval mode and Lightning keeps each module's mode: without this, fit would train
+        # with dropout / drop path off and BatchNorm frozen. Runs after the Pruning callback's
+        # on_fit_start (callbacks first), whose calibration runs in eval mode regardless.
+        self.train_losses = []
+        self.model.train()
+
+    def on_fit_end(self) -> None:
+        self.model.eval()
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels, _ = batch
         loss = F.cross_entropy(self(images), labels.long(), ignore_index=-1)
         self.log("train_loss", loss, prog_bar=True)
+        self.train_losses.append(loss.detach())
         return loss
 
     def configure_optimizers(self):
