@@ -110,10 +110,10 @@ def main() -> None:
     # Statistics from the dense forward, once (they do not depend on the ratio or the method).
     targets = dense.all_targets()
     t1 = time.perf_counter()
-    _, inputs = dense.prunable_blocks(calib, "cpu")
+    dense.eval()
     with torch.no_grad(), collect_stats(targets) as stats:
-        for inp in inputs:
-            inp.call(dense.model, "cpu")
+        for x in calib.split(args.batch_size):
+            dense(x)
     t_calib = time.perf_counter() - t1
     stats = dict(stats)
     print(f"{len(targets)} target layers, statistics from {len(calib)} images in {t_calib:.1f} s", flush=True)
