@@ -132,7 +132,7 @@ def capture_inputs(
                                            "cannot capture its inputs" if not kind_of else
                                            f"only {len(kind_of)} of the {len(blocks)} blocks were called in order")
                 if state["first_batch"]:
-                    for k, (first, other, kw) in enumerate(kinds):
+                    for first, other, kw in kinds:
                         seen[first] = (_detach(other, store_device), _detach(kw, store_device))
                     state["first_batch"], state["stop"] = False, max(first for first, _, _ in kinds)
                     kinds_first = [first for first, _, _ in kinds]
