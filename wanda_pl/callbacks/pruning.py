@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..engine import PruneResult, check_targets, prune_sequential
 from ..methods import PruneOptions, get_method
-from ..sharding import full, is_dtensor, local, local_mask
+from ..sharding import full, is_dtensor, is_sharded, local, local_mask
 from ..sparsity import GRANULARITIES, SparsitySpec
 from .calibration import Calibration
 
@@ -138,7 +138,7 @@ class Pruning(Callback):
             self.masks = self.load_masks(pl_module)
             self.masks_source = f"masks_from:{self.masks_from}"
         elif self.enabled:
-            if _sharded(pl_module):
+            if is_sharded(pl_module.model):
                 raise NotImplementedError(
                     "the Pruning callback computes masks on whole weights, and this model's weights are sharded "
                     f"({type(trainer.strategy).__name__}): prune first on one device or with ddp "
@@ -256,11 +256,6 @@ def _sparsity(pl_module) -> Optional[float]:
     from ..report import overall_sparsity
 
     return overall_sparsity(pl_module.all_targets()) if hasattr(pl_module, "all_targets") else None
-
-
-def _sharded(pl_module) -> bool:
-    targets = getattr(pl_module, "all_targets", None)
-    return targets is not None and any(is_dtensor(m.weight) for m in targets().values())
 
 
 def _check_strategy(trainer) -> None:

@@ -261,12 +261,8 @@ class Classifier(L.LightningModule):
         if units[0][1] is self.model:
             return units, pixels
         device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            captured = capture_inputs(self.model, units[0][1], pixels, lambda m, p: p.call(m, device), store_device)
-        finally:
-            self.model.train(was_training)
+        # ImageInput.call runs the whole network in eval mode, as for any unit.
+        captured = capture_inputs(self.model, units[0][1], pixels, lambda m, p: p.call(m, device), store_device)
         return units, [ImageInput(hidden=c.hidden, args=c.args, kwargs=c.kwargs, key=c.key) for c in captured]
 
     def units(self, probe: Optional[torch.Tensor] = None) -> List[Tuple[str, nn.Module]]:
