@@ -149,3 +149,47 @@ def test_calibration_leaves_train_mode_and_batchnorm_statistics_alone():
     before = bn.running_mean.clone()
     engine_prune(module, _images(module), "wanda", SparsitySpec.parse("unstructured", 0.5), True)
     assert module.model.training and torch.equal(bn.running_mean, before)
+
+
+def _bn_affine(bn, y):
+    """timm's BatchNormAct2d without its activation (a ReLU6 does not keep means)."""
+    return torch.nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def test_bias_correction_restores_every_batchnorm_mean_in_an_efficientnet():
+    """timm's EfficientNet class (mobilenetv2_035): with dense statistics, each pruned 1x1 conv's
+    BatchNorm output keeps the dense mean over the calibration images, channel by channel; the
+    BatchNorm each conv feeds is named by timm's block layout here, independently of the tracing."""
+    import copy
+
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+
+    module = _module("efficientnet")
+    images = _images(module)
+    dense = copy.deepcopy(module.model).eval()
+    feeds = {}
+    for name, block in dense.named_modules():
+        if isinstance(block, InvertedResidual):
+            feeds[f"{name}.conv_pw"], feeds[f"{name}.conv_pwl"] = f"{name}.bn1", f"{name}.bn3"
+        elif isinstance(block, DepthwiseSeparableConv):
+            feeds[f"{name}.conv_pw"] = f"{name}.bn2"
+    units, inputs = module.prunable_blocks(images)
+    prune_sequential(units, inputs, module.block_targets, get_method("wanda"), SparsitySpec.parse("unstructured", 0.5),
+                     PruneOptions(bias_correction=True), propagate=False, progress=False)
+    targets = module.all_targets()
+    assert set(targets) == set(feeds)
+
+    seen = {}
+    hooks = [dense.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, []).append(i[0]))
+             for n in targets]
+    with torch.no_grad():
+        dense(module_normalize(module, images))
+        for h in hooks:
+            h.remove()
+        for name, xs in seen.items():
+            x = torch.cat(xs)
+            bn_name = feeds[name]
+            got = _bn_affine(module.model.get_submodule(bn_name), module.model.get_submodule(name)(x)).mean((0, 2, 3))
+            want = _bn_affine(dense.get_submodule(bn_name), dense.get_submodule(name)(x)).mean((0, 2, 3))
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+            assert (module.model.get_submodule(name).weight == 0).float().mean() == pytest.approx(0.5, abs=0.02)

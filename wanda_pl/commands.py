@@ -89,7 +89,7 @@ def prune(
             "config": config,
         }
         if trainer.is_global_zero:
-            if pruning.method.needs_activations:
+            if pruning.needs_activations:
                 torch.save(datamodule.calibration_data(), stage / "calibration_ids.pt")
             if save_model:
                 model.save(stage / "model")

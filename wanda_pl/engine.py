@@ -7,11 +7,14 @@ block (pass 2) so the next block calibrates on the activations it will really se
 reference's behaviour); a method that needs no activations (magnitude) runs no forward
 pass at all. Activations live on ``store_device`` (CPU by default) between blocks, while
 each block runs on its own device, so calibration memory on the accelerator is one block.
+With ``options.bias_correction`` every method (magnitude too) calibrates, sees statistics about
+the input mean, and each layer's lost mean output is put back (:mod:`wanda_pl.correction`).
 """
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -19,6 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import correction
 from .hooks import BlockInput, collect_stats
 from .methods import Method, PruneOptions
 from .sparsity import SparsitySpec
@@ -56,14 +60,28 @@ def _device(block: nn.Module, default) -> torch.device:
     return p.device if p is not None else torch.device(default)
 
 
+def needs_activations(method: Method, options: PruneOptions) -> bool:
+    return method.needs_activations or options.bias_correction
+
+
 def prune_layers(
-    targets: Dict[str, nn.Module], stats: Dict, method: Method, spec: SparsitySpec, options: PruneOptions, result: PruneResult
+    targets: Dict[str, nn.Module], stats: Dict, method: Method, spec: SparsitySpec, options: PruneOptions,
+    result: PruneResult, sinks: Optional[Dict[str, nn.Module]] = None,
 ) -> None:
-    """Compute and apply every target's mask in place (weights keep their dense shape and dtype)."""
+    """Compute and apply every target's mask in place (weights keep their dense shape and dtype).
+
+    With ``options.bias_correction``, ``sinks`` (from :func:`correction.find_sinks`) say where each
+    layer's mean shift goes."""
+    if options.bias_correction:
+        correction.require_sinks(targets, sinks or {})
     for name, module in targets.items():
         w = weight_matrix(module)
+        st = stats.get(name)
+        if options.bias_correction:
+            old_w = w.detach().float().clone()
+            st = st.centered()
         t0 = time.perf_counter()
-        mask, new_w = method(w.detach().float(), stats.get(name), spec, options)
+        mask, new_w = method(w.detach().float(), st, spec, options)
         if w.is_cuda:
             torch.cuda.synchronize(w.device)
         result.time_metric_s += time.perf_counter() - t0
@@ -71,6 +89,8 @@ def prune_layers(
             if new_w is not None:
                 w.copy_(new_w.to(w.dtype))
             w.masked_fill_(mask.to(w.device), 0)
+        if options.bias_correction:
+            correction.apply_shift(module, sinks[name], correction.output_shift(old_w, w.detach(), stats[name].mean))
         result.masks[name] = param_mask(module, mask).cpu()
 
 
@@ -90,7 +110,9 @@ def prune_sequential(
     result = PruneResult()
     all_targets = [targets_fn(name, block) for name, block in blocks]
     check_targets({k: v for t in all_targets for k, v in t.items()}, spec)
-    if not method.needs_activations:
+    if options.bias_correction:
+        correction.check_possible({k: v for t in all_targets for k, v in t.items()}, [b for _, b in blocks])
+    if not needs_activations(method, options):
         for targets in tqdm(all_targets, desc=f"{method.name}: layers", disable=not progress):
             prune_layers(targets, {}, method, spec, options, result)
         return result
@@ -99,10 +121,11 @@ def prune_sequential(
     for (name, block), targets in bar:
         device = _device(block, store_device)
         t0 = time.perf_counter()
-        with torch.no_grad(), collect_stats(targets, method.needs_hessian) as stats:
+        finding = correction.find_sinks(block, targets) if options.bias_correction else nullcontext(None)
+        with torch.no_grad(), collect_stats(targets, method.needs_hessian) as stats, finding as sinks:
             outs = [inp.call(block, device).to(store_device) for inp in inputs]
         result.time_forward_s += time.perf_counter() - t0
-        prune_layers(targets, stats, method, spec, options, result)
+        prune_layers(targets, stats, method, spec, options, result, sinks)
         del stats
         if propagate:
             t0 = time.perf_counter()

@@ -7,8 +7,10 @@ its (in * k * k)-wide patches). The accumulators keep, over calibration samples:
 
 - ``sq_sum[j] = sum_t X[t, j]^2`` -> Wanda's ``scaler_row = sq_sum / nsamples``,
 - optionally ``xtx = X^T X``     -> SparseGPT's Hessian ``H = 2 * xtx / nsamples``,
+- ``col_sum[j] = sum_t X[t, j]`` and ``tokens`` -> the input mean, for bias correction,
 
 where ``nsamples`` counts calibration sequences (images), as the reference does.
+:meth:`LayerStats.centered` gives the same statistics about the mean instead of about zero.
 """
 from __future__ import annotations
 
@@ -58,10 +60,14 @@ class LayerStats:
     nsamples: int = 0
     sq_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
     xtx: Optional[torch.Tensor] = None
+    col_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.sq_sum is None:
             self.sq_sum = torch.zeros(self.in_features, dtype=torch.float32)
+        if self.col_sum is None:
+            self.col_sum = torch.zeros(self.in_features, dtype=torch.float32)
 
     def update(self, x: torch.Tensor, nsamples: int) -> None:
         """Add a (tokens, in) fp32 block of activations coming from ``nsamples`` sequences/images."""
@@ -72,7 +78,10 @@ class LayerStats:
             )
         if self.sq_sum.device != x.device:
             self.sq_sum = self.sq_sum.to(x.device)
+            self.col_sum = self.col_sum.to(x.device)
         self.sq_sum += (x * x).sum(dim=0)
+        self.col_sum += x.sum(dim=0)
+        self.tokens += x.shape[0]
         if self.with_hessian:
             if self.xtx is None:
                 self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
@@ -83,6 +92,23 @@ class LayerStats:
     def scaler_row(self) -> torch.Tensor:
         """Mean over samples of the squared input norm per input column (the reference's ``scaler_row``)."""
         return self.sq_sum / max(self.nsamples, 1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The mean input per column over every calibration token (pixel, patch)."""
+        if self.tokens == 0:
+            raise ValueError("no calibration activations were recorded for this layer")
+        return self.col_sum / self.tokens
+
+    def centered(self) -> "LayerStats":
+        """These statistics about the input mean: ``sum_t (X[t, j] - mean_j)^2`` and the covariance
+        sum ``(X - mean)^T (X - mean)``, same ``nsamples``. With bias correction the mean part of a
+        pruned weight's contribution is restored exactly, so what a method should weigh is the
+        fluctuation around the mean, not the raw second moment."""
+        mean = self.mean
+        sq = (self.sq_sum - self.tokens * mean * mean).clamp_min(0)  # fp32 cancellation can dip below 0
+        xtx = None if self.xtx is None else self.xtx - self.tokens * torch.outer(mean, mean)
+        return LayerStats(self.in_features, self.with_hessian, self.nsamples, sq, xtx, self.col_sum, self.tokens)
 
     @property
     def hessian(self) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..engine import PruneResult, check_targets, prune_sequential
+from ..engine import PruneResult, check_targets, needs_activations, prune_sequential
 from ..methods import PruneOptions, get_method
 from ..sharding import full, is_dtensor, is_sharded, local, local_mask
 from ..sparsity import GRANULARITIES, SparsitySpec
@@ -37,6 +37,11 @@ class Pruning(Callback):
         granularity: comparison group, ``row`` or ``layer`` (unset: the method's default).
         blocksize: SparseGPT column block size.
         percdamp: SparseGPT damping, a fraction of the Hessian's mean diagonal.
+        bias_correction: put back each pruned layer's mean output (``(W - W') E[x]``), into its bias or,
+            for a bias-free conv, into the running mean of the BatchNorm it feeds; the methods then
+            weigh activations about their mean (magnitude calibrates too). For conv nets with
+            BatchNorm (EfficientNet) and models whose layers have biases (ViT, OPT); LLaMA-style
+            bias-free linears cannot take it and are refused.
         enabled: prune when validation or fitting starts (``prune`` turns it on after the dense baseline).
         masks_from: take the masks instead of computing them: ``zeros`` (the zeros of an already pruned
             model, e.g. ``--model.name_or_path outputs/x/model``) or a mask file (``masks.pt`` from
@@ -53,6 +58,7 @@ class Pruning(Callback):
         granularity: Optional[str] = None,
         blocksize: int = 128,
         percdamp: float = 0.01,
+        bias_correction: bool = False,
         enabled: bool = False,
         masks_from: Optional[str] = None,
     ) -> None:
@@ -67,7 +73,7 @@ class Pruning(Callback):
             raise ValueError(f"pruning.blocksize must be >= 1, got {blocksize}")
         if not 0 <= percdamp:
             raise ValueError(f"pruning.percdamp must be >= 0, got {percdamp}")
-        self.options = PruneOptions(granularity, use_variant, blocksize, percdamp)
+        self.options = PruneOptions(granularity, use_variant, blocksize, percdamp, bias_correction)
         if masks_from is not None and masks_from != "zeros":
             path = Path(masks_from)
             if not (path / "masks.pt" if path.is_dir() else path).is_file():
@@ -87,7 +93,7 @@ class Pruning(Callback):
     def describe(self) -> dict:
         return {
             "method": self.method.name, "sparsity_type": self.spec.type, "sparsity_ratio": self.spec.ratio,
-            "use_variant": self.options.use_variant,
+            "use_variant": self.options.use_variant, "bias_correction": self.options.bias_correction,
             "granularity": self.options.granularity or self.method.default_granularity,
             **({"blocksize": self.options.blocksize, "percdamp": self.options.percdamp} if self.method.needs_hessian else {}),
             **({"masks_from": self.masks_from} if self.masks_from is not None else {}),
@@ -97,11 +103,15 @@ class Pruning(Callback):
         """Fail early when a layer cannot take the sparsity (e.g. M does not divide its width)."""
         check_targets(pl_module.all_targets(), self.spec)
 
+    @property
+    def needs_activations(self) -> bool:
+        return needs_activations(self.method, self.options)
+
     # --- computing masks ---
     def prune(self, trainer, pl_module) -> None:
         calib = next((c for c in trainer.callbacks if isinstance(c, Calibration)), None) or Calibration()
         t0 = time.perf_counter()
-        data = calib.calibration_data(trainer, pl_module) if self.method.needs_activations else None
+        data = calib.calibration_data(trainer, pl_module) if self.needs_activations else None
         t1 = time.perf_counter()
         blocks, inputs = pl_module.prunable_blocks(data, calib.device_for(pl_module))
         result = prune_sequential(

@@ -23,6 +23,7 @@ class PruneOptions:
     use_variant: bool = False
     blocksize: int = 128
     percdamp: float = 0.01
+    bias_correction: bool = False  # read by the engine: centred statistics, mean shift restored
 
 
 # (weight, stats, spec, options) -> (mask, new weight or None)
