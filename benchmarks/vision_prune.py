@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from wanda_pl.correction import find_sinks  # noqa: E402
 from wanda_pl.engine import PruneResult, prune_layers, prune_sequential  # noqa: E402
 from wanda_pl.hooks import collect_stats  # noqa: E402
 from wanda_pl.methods import PruneOptions, get_method  # noqa: E402
@@ -79,8 +80,12 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor, dense_top1: torch.Tenso
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.7])
-    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "wanda (sequential)"],
-                    help="'<method> (sequential)': block by block on pruned activations")
+    ap.add_argument("--methods", nargs="+",
+                    default=["magnitude", "wanda", "wanda (sequential)", "magnitude + bias correction",
+                             "wanda + bias correction", "wanda (sequential) + bias correction"],
+                    help="'<method> (sequential)': block by block on pruned activations; '... + bias correction': "
+                         "each layer's lost mean output put back into the BatchNorm it feeds "
+                         "(pruning.bias_correction)")
     ap.add_argument("--nsamples", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -111,17 +116,21 @@ def main() -> None:
     targets = dense.all_targets()
     t1 = time.perf_counter()
     dense.eval()
-    with torch.no_grad(), collect_stats(targets) as stats:
+    with torch.no_grad(), collect_stats(targets) as stats, find_sinks(dense.model, targets) as sinks:
         for x in calib.split(args.batch_size):
             dense(x)
     t_calib = time.perf_counter() - t1
     stats = dict(stats)
+    names = {id(m): n for n, m in dense.named_modules()}
+    sink_names = {t: names[id(m)] for t, m in sinks.items()}  # re-found by name in each copy
     print(f"{len(targets)} target layers, statistics from {len(calib)} images in {t_calib:.1f} s", flush=True)
 
     t_seq = 0.0
     for method_name in args.methods:
-        sequential = method_name.endswith(" (sequential)")
-        method = get_method(method_name.replace(" (sequential)", ""))
+        base = method_name.replace(" + bias correction", "")
+        options = PruneOptions(bias_correction=base != method_name)
+        sequential = base.endswith(" (sequential)")
+        method = get_method(base.replace(" (sequential)", ""))
         for ratio in args.ratios:
             module = copy.deepcopy(dense)
             mod_targets = module.all_targets()
@@ -129,13 +138,14 @@ def main() -> None:
             if sequential:
                 t1 = time.perf_counter()
                 units, inputs = module.prunable_blocks(calib, "cpu")
-                prune_sequential(units, inputs, module.block_targets, method, spec, PruneOptions(), propagate=True,
+                prune_sequential(units, inputs, module.block_targets, method, spec, options, propagate=True,
                                  progress=False)
                 t_seq += time.perf_counter() - t1
                 del inputs
             else:
-                prune_layers(mod_targets, stats if method.needs_activations else {}, method, spec, PruneOptions(),
-                             PruneResult())
+                mods = dict(module.named_modules())
+                prune_layers(mod_targets, stats, method, spec, options, PruneResult(),
+                             {t: mods[n] for t, n in sink_names.items()})
             res = evaluate(predict(module, images, args.batch_size), labels, dense_top1)
             rows.append((method_name, ratio, overall_sparsity(mod_targets), res))
             print(f"{method_name} {ratio:.0%}: {res}", flush=True)
@@ -159,7 +169,10 @@ def main() -> None:
         "model eval transform. 'wanda': statistics of every layer from the dense forward (the reference's vision "
         "setting); 'wanda (sequential)': block by block, each of the 16 blocks calibrated on the outputs of the already "
         "pruned blocks (`calibration.propagate: true`, the engine's LLM setting). Wanda: per-output-row comparison; "
-        "magnitude: one threshold per layer (the paper's defaults). No fine-tuning."
+        "magnitude: one threshold per layer (the paper's defaults). '+ bias correction' "
+        "(`pruning.bias_correction: true`): each pruned conv's lost mean output, (W - W') E[x] over the calibration "
+        "images, is subtracted from the running mean of the BatchNorm it feeds, and the methods weigh activations "
+        "about their mean (wanda: |W| x std of the input). No fine-tuning."
         + (f" '+ BN recalibration' rows: the same pruned weights, BatchNorm running statistics re-estimated on "
            f"the first {args.bn_recalibration} calibration images." if args.bn_recalibration else
            " No BatchNorm recalibration."),

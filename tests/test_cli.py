@@ -79,6 +79,7 @@ BAD = [
     ("missing-eval-text", ["--data.evaluation", "{tmp}/nope-eval.txt"], ["{tmp}/nope-eval.txt", "does not exist"]),
     ("bad-granularity", ["--pruning.granularity", "column"], ["granularity", "'column'"]),
     ("variant-nm", ["--pruning.sparsity_type", "2:4", "--pruning.use_variant", "true"], ["use_variant", "2:4"]),
+    ("bias-correction-llama", ["--pruning.bias_correction", "true"], ["bias_correction", "no bias", "LLaMA"]),
 ]
 
 

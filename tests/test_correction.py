@@ -150,7 +150,7 @@ def test_find_sinks_traces_the_consumer():
 
 def test_refused_without_bias_or_batchnorm():
     model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 4))
-    with pytest.raises(ValueError, match=r"bias_correction needs.*layers have neither \(e\.g\. 0\)"):
+    with pytest.raises(ValueError, match=r"bias_correction needs.*layers have no bias and feed no BatchNorm \(e\.g\. 0\)"):
         _prune(model, [torch.randn(2, 8)], "wanda")
     assert (model[0].weight != 0).all()  # refused before anything was pruned
 

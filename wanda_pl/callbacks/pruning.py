@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from .. import correction
 from ..engine import PruneResult, check_targets, needs_activations, prune_sequential
 from ..methods import PruneOptions, get_method
 from ..sharding import full, is_dtensor, is_sharded, local, local_mask
@@ -100,8 +101,12 @@ class Pruning(Callback):
         }
 
     def check(self, pl_module) -> None:
-        """Fail early when a layer cannot take the sparsity (e.g. M does not divide its width)."""
-        check_targets(pl_module.all_targets(), self.spec)
+        """Fail early when a layer cannot take the sparsity (e.g. M does not divide its width), or the
+        bias correction has nowhere to go."""
+        targets = pl_module.all_targets()
+        check_targets(targets, self.spec)
+        if self.options.bias_correction:
+            correction.check_possible(targets, [pl_module])
 
     @property
     def needs_activations(self) -> bool:
