@@ -267,6 +267,29 @@ def test_accuracy_and_agreement_equal_a_hand_count(image_root):
     assert "agreement" in module.metrics_line(dense, pruned)
 
 
+def test_pruning_callback_bias_correction_moves_batchnorm_means_only(image_root):
+    """The callback passes bias_correction to the engine: on an EfficientNet-class net the running mean
+    of exactly the BatchNorms fed by pruned 1x1 convs moves, and the state-dict keys stay the same."""
+    from wanda_pl.callbacks import Calibration, Pruning
+    from wanda_pl.data.images import ImageFolderDataModule
+
+    torch.manual_seed(0)
+    module = _classifier("mobilenetv2_035", num_classes=3, convs=True, calibration_batch_size=4)
+    keys = set(module.model.state_dict())
+    before = {n: m.running_mean.clone() for n, m in module.model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    dm = ImageFolderDataModule(root=str(image_root), nsamples=6, batch_size=4)
+    dm.prepare_for(module)
+    pruning = Pruning(method="magnitude", sparsity_ratio=0.5, bias_correction=True, enabled=True)
+    _trainer(callbacks=[pruning, Calibration(propagate=False)]).validate(module, datamodule=dm, verbose=False)
+    moved = {n for n, m in module.model.named_modules()
+             if isinstance(m, nn.BatchNorm2d) and not torch.equal(m.running_mean, before[n])}
+    fed = {n.rsplit(".", 1)[0] + ("." + {"conv_pw": "bn1", "conv_pwl": "bn3"}[n.rsplit(".", 1)[1]]
+                                  if not n.startswith("blocks.0.") else ".bn2") for n in pruning.masks}
+    assert moved == fed and len(fed) == len(pruning.masks) > 10
+    assert set(module.model.state_dict()) == keys
+    assert all(m.float().mean() == pytest.approx(0.5, abs=0.01) for m in pruning.masks.values())
+
+
 def test_save_and_reload_keeps_the_pruned_weights(tmp_path):
     from wanda_pl.modules.classifier import Classifier
 
