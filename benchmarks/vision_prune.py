@@ -9,7 +9,9 @@ with replacement (seed 0) from ``imagenet-photos/train`` (scikit-image photos + 
 the model's eval transform. Wanda twice: with statistics from the dense forward (the reference's
 vision setting, gathered once and shared by every ratio) and block-sequential (``propagate``:
 each of the 16 blocks calibrates on the output of the already pruned blocks before it, as the
-LLM path; the engine run by ``cli.py prune`` with ``calibration.propagate: true``). Metrics: top-1 / top-5 on the 20 labelled ImageNet
+LLM path; the engine run by ``cli.py prune`` with ``calibration.propagate: true``), and with a
+per-layer threshold (``[layer]``). Every row again with ``pruning.bias_correction`` (each conv's lost
+mean output put back into the BatchNorm it feeds). Metrics: top-1 / top-5 on the 20 labelled ImageNet
 photos (``imagenet-photos/val``), and top-1 agreement with the dense model on the 305 unlabelled
 ``natural-images`` (the low-noise measure of pruning damage).
 
@@ -22,6 +24,7 @@ import argparse
 import copy
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -81,9 +84,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.7])
     ap.add_argument("--methods", nargs="+",
-                    default=["magnitude", "wanda", "wanda (sequential)", "magnitude + bias correction",
-                             "wanda + bias correction", "wanda (sequential) + bias correction"],
-                    help="'<method> (sequential)': block by block on pruned activations; '... + bias correction': "
+                    default=["magnitude", "wanda", "wanda [layer]", "wanda (sequential)", "magnitude + bias correction",
+                             "wanda + bias correction", "wanda [layer] + bias correction",
+                             "wanda (sequential) + bias correction"],
+                    help="'<method> [row|layer]': that comparison group instead of the method's default; "
+                         "'<method> (sequential)': block by block on pruned activations; '... + bias correction': "
                          "each layer's lost mean output put back into the BatchNorm it feeds "
                          "(pruning.bias_correction)")
     ap.add_argument("--nsamples", type=int, default=512)
@@ -128,9 +133,10 @@ def main() -> None:
     t_seq = 0.0
     for method_name in args.methods:
         base = method_name.replace(" + bias correction", "")
-        options = PruneOptions(bias_correction=base != method_name)
-        sequential = base.endswith(" (sequential)")
-        method = get_method(base.replace(" (sequential)", ""))
+        group = re.search(r" \[(row|layer)\]", base)
+        options = PruneOptions(granularity=group and group.group(1), bias_correction=base != method_name)
+        sequential = " (sequential)" in base
+        method = get_method(re.sub(r" \((sequential)\)| \[(row|layer)\]", "", base))
         for ratio in args.ratios:
             module = copy.deepcopy(dense)
             mod_targets = module.all_targets()
@@ -169,7 +175,8 @@ def main() -> None:
         "model eval transform. 'wanda': statistics of every layer from the dense forward (the reference's vision "
         "setting); 'wanda (sequential)': block by block, each of the 16 blocks calibrated on the outputs of the already "
         "pruned blocks (`calibration.propagate: true`, the engine's LLM setting). Wanda: per-output-row comparison; "
-        "magnitude: one threshold per layer (the paper's defaults). '+ bias correction' "
+        "magnitude: one threshold per layer (the paper's defaults); '[layer]': one threshold per layer for Wanda "
+        "(`pruning.granularity: layer`). '+ bias correction' "
         "(`pruning.bias_correction: true`): each pruned conv's lost mean output, (W - W') E[x] over the calibration "
         "images, is subtracted from the running mean of the BatchNorm it feeds, and the methods weigh activations "
         "about their mean (wanda: |W| x std of the input). No fine-tuning."
