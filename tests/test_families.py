@@ -116,3 +116,39 @@ def test_variant_end_to_end(tiny_dirs, text_file, tmp_path):
     for name, value in report["layers"].items():
         assert abs(value - 0.5) <= 1e-3 + 1e-9, (name, value)
     assert math.isfinite(report["ppl"])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_bias_correction_end_to_end(tiny_dirs, text_file, tmp_path, family):
+    """Families whose linears have biases (GPT-2's Conv1D, OPT's Linear): through the CLI, every layer
+    of the first block gives, on the recorded calibration windows, the dense mean output again."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from wanda_pl.stats import flatten_inputs
+
+    out = tmp_path / "out"
+    run_prune(tiny_dirs[family], text_file, out, "magnitude", "unstructured", "--pruning.bias_correction", "true",
+              "--save_model", "true")
+    report = json.loads((out / "report.json").read_text())
+    assert report["bias_correction"] is True and abs(report["actual_sparsity"] - 0.5) <= 1e-6
+    ids = torch.load(out / "calibration_ids.pt")  # magnitude calibrates when correcting
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dirs[family]).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    prefix = LAYER_NAMES[family][0] + "0."
+    first = [n for n in report["layers"] if n.startswith(prefix)]
+    assert len(first) == N_LAYERS[family] // 2
+    seen = {}
+    hooks = [dense.get_submodule(n).register_forward_hook(
+        lambda m, i, o, n=n: seen.setdefault(n, []).append(flatten_inputs(m, i[0]))) for n in first]
+    with torch.no_grad():
+        for row in ids:
+            dense(input_ids=row[None])
+        for h in hooks:
+            h.remove()
+        for name in first:
+            x = torch.cat(seen[name])
+            d, p = dense.get_submodule(name), pruned.get_submodule(name)
+            assert not torch.equal(d.bias, p.bias), name
+            assert (p.weight == 0).float().mean() == pytest.approx(0.5, abs=1e-6)
+            torch.testing.assert_close(p(x).mean(0), d(x).mean(0), rtol=1e-4, atol=1e-4, msg=name)
