@@ -305,6 +305,32 @@ def test_save_and_reload_keeps_the_pruned_weights(tmp_path):
     torch.testing.assert_close(module(x), again(x))
 
 
+def test_data_config_override_reaches_the_transform_and_survives_save(tmp_path):
+    from wanda_pl.data.images import pixel_transform
+    from wanda_pl.modules.classifier import Classifier
+
+    def resize_of(module):
+        steps = pixel_transform(module.data_config).transforms
+        return next(s.size for s in steps if type(s).__name__ == "Resize")
+
+    plain = _tiny_vit(num_classes=3)
+    assert plain.data_config["crop_pct"] == 0.9 and resize_of(plain) in (35, [35])  # 32 / 0.9: a crop
+    module = Classifier(name="vit_tiny_patch16_224", num_classes=3, model_kwargs=dict(img_size=32, patch_size=8,
+                        embed_dim=32, depth=2, num_heads=2), data_config={"crop_pct": 1.0, "mean": [0.5] * 3})
+    assert module.data_config["crop_pct"] == 1.0 and resize_of(module) in (32, [32])
+    assert module.pixel_mean.tolist() == [0.5] * 3 and module.describe()["data_config"]["crop_pct"] == 1.0
+    module.save(tmp_path / "m")
+    again = Classifier(checkpoint_path=str(tmp_path / "m"))
+    assert again.data_config == module.data_config  # the folder brings its transform back
+    assert Classifier(checkpoint_path=str(tmp_path / "m"), data_config={"crop_pct": 0.875}).data_config["crop_pct"] == 0.875
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['crop'\].*crop_pct"):
+        Classifier(name="vit_tiny_patch16_224", model_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=1,
+                   num_heads=2), data_config={"crop": 1.0})
+    with pytest.raises(ValueError, match=r"mean must be a list of 3"):
+        Classifier(name="vit_tiny_patch16_224", model_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=1,
+                   num_heads=2), data_config={"mean": [0.5]})
+
+
 def test_lukemelas_mapping_checks_every_shape():
     import timm
 

@@ -70,6 +70,26 @@ def load_state_dict_file(path: Path) -> Dict[str, torch.Tensor]:
     return {re.sub(r"^(module\.|model\.)", "", k): v for k, v in obj.items()}
 
 
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def checked_data_config(overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """``overrides`` of timm's data config, checked, with lists made tuples as timm keeps them."""
+    unknown = sorted(set(overrides) - set(DATA_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"model.data_config: unknown key(s) {unknown}; allowed: {', '.join(DATA_CONFIG_KEYS)}")
+    out = {}
+    for key, value in overrides.items():
+        if key in ("input_size", "mean", "std"):
+            if not isinstance(value, (list, tuple)) or len(value) != 3:
+                raise ValueError(f"model.data_config.{key} must be a list of 3 numbers, got {value!r}")
+            value = tuple(value)
+        if key == "crop_pct" and not (isinstance(value, (int, float)) and 0 < value <= 2):
+            raise ValueError(f"model.data_config.crop_pct must be a number in (0, 2], got {value!r}")
+        out[key] = value
+    return out
+
+
 def _saved_folder(path: Path) -> Tuple[Path, Dict[str, Any]]:
     """(weights file, config) of a folder written by :meth:`Classifier.save` or an embedded model."""
     config = json.loads((path / "config.json").read_text())
@@ -133,6 +153,10 @@ class Classifier(L.LightningModule):
         ignore: regexes of layers never to prune.
         convs: also prune the non-grouped Conv2d inside the blocks (EfficientNet 1x1 convs).
         model_kwargs: extra ``timm.create_model`` keyword arguments (e.g. a small ``img_size``).
+        data_config: overrides of timm's resolved eval data config (``crop_pct``, ``mean``, ``std``,
+            ``input_size``, ``interpolation``, ``crop_mode``): e.g. ``{crop_pct: 1.0}`` for a model
+            rebuilt at a small ``img_size``, whose pretrained ``crop_pct`` would crop the image. A
+            folder written by ``save`` brings back the data config it was saved with; this wins over it.
         calibration_batch_size: images per forward during calibration.
         learning_rate: for fine-tuning (``fit``).
         weight_decay: for fine-tuning (AdamW).
@@ -149,6 +173,7 @@ class Classifier(L.LightningModule):
         ignore: Optional[List[str]] = None,
         convs: bool = False,
         model_kwargs: Optional[Dict[str, Any]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
         calibration_batch_size: int = 32,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
@@ -166,6 +191,7 @@ class Classifier(L.LightningModule):
         fixed = getattr(getattr(self.model, "patch_embed", None), "img_size", None)  # ViT-style fixed input
         if fixed is not None and tuple(self.data_config["input_size"][1:]) != tuple(fixed):
             self.data_config["input_size"] = (3, *tuple(fixed))  # built with another img_size than its pretrained cfg
+        self.data_config.update(checked_data_config({**self._saved_data_config, **(data_config or {})}))
         self.register_buffer("pixel_mean", torch.tensor(self.data_config["mean"], dtype=torch.float32), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.data_config["std"], dtype=torch.float32), persistent=False)
         self.top1 = self._accuracy(1)
@@ -182,6 +208,7 @@ class Classifier(L.LightningModule):
         import timm
 
         hp = self.hparams
+        self._saved_data_config: Dict[str, Any] = {}
         kwargs = dict(hp.model_kwargs or {})
         name, path, weights = hp.name, None, None
         sources = [s for s in ("pretrained", "checkpoint_path", "embedded") if getattr(hp, s)]
@@ -213,6 +240,7 @@ class Classifier(L.LightningModule):
             name = name or saved_name
             kwargs = {**config.get("model_kwargs", {}), **kwargs}
             num_classes = num_classes or config.get("num_classes")
+            self._saved_data_config = config.get("data_config") or {}
         if not name:
             raise ValueError("model.name (a timm model name) is required unless model.embedded or a saved folder is given")
         if num_classes is not None:
@@ -440,8 +468,12 @@ class Classifier(L.LightningModule):
         save_file(state, str(folder / "model.safetensors"))
         config = {"timm_name": self.timm_name, "num_classes": self.num_classes,
                   "model_kwargs": {k: v for k, v in (self.hparams.model_kwargs or {}).items() if k != "num_classes"},
-                  "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}}
+                  "data_config": self.plain_data_config()}
         (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+    def plain_data_config(self) -> Dict[str, Any]:
+        """The eval data config as JSON values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
 
     def describe(self) -> Dict[str, Any]:
         return {
@@ -450,6 +482,7 @@ class Classifier(L.LightningModule):
             "model_path": self.path,
             "num_classes": self.num_classes,
             "convs": self.hparams.convs,
+            "data_config": self.plain_data_config(),
             "targets": self.hparams.targets,
             "ignore": self.hparams.ignore,
             "parameters": sum(p.numel() for p in self.model.parameters()),
