@@ -39,8 +39,9 @@ def check_possible(targets: Dict[str, nn.Module], scopes: Sequence[nn.Module]) -
     if missing and not any(_is_sink_norm(m) for scope in scopes for m in scope.modules()):
         raise ValueError(
             f"bias_correction needs each pruned layer to have a bias or to feed a BatchNorm; {len(missing)} "
-            f"layers have no bias and feed no BatchNorm (e.g. {', '.join(missing[:3])}). Turn pruning.bias_correction off for this "
-            "model (LLaMA-style linears have no bias), or exclude those layers with ignore patterns."
+            f"layers have no bias and feed no BatchNorm (e.g. {', '.join(missing[:3])}). Turn "
+            "pruning.bias_correction off for this model (LLaMA-style linears have no bias), or exclude those "
+            "layers with ignore patterns."
         )
 
 

@@ -109,9 +109,10 @@ def prune_sequential(
     """Prune ``blocks`` in order; ``inputs`` are the captured inputs of the first block."""
     result = PruneResult()
     all_targets = [targets_fn(name, block) for name, block in blocks]
-    check_targets({k: v for t in all_targets for k, v in t.items()}, spec)
+    every_target = {k: v for t in all_targets for k, v in t.items()}
+    check_targets(every_target, spec)
     if options.bias_correction:
-        correction.check_possible({k: v for t in all_targets for k, v in t.items()}, [b for _, b in blocks])
+        correction.check_possible(every_target, [b for _, b in blocks])
     if not needs_activations(method, options):
         for targets in tqdm(all_targets, desc=f"{method.name}: layers", disable=not progress):
             prune_layers(targets, {}, method, spec, options, result)
