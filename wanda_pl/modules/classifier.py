@@ -182,7 +182,7 @@ class Classifier(L.LightningModule):
         self.save_hyperparameters()
         if calibration_batch_size < 1:
             raise ValueError(f"model.calibration_batch_size must be >= 1, got {calibration_batch_size}")
-        self.model, self.timm_name, self.path = self._build()
+        self.model, self.timm_name, self.path, saved_data_config = self._build()
         self.model.eval()
         self.num_classes = int(self.model.num_classes)
         import timm.data
@@ -191,7 +191,7 @@ class Classifier(L.LightningModule):
         fixed = getattr(getattr(self.model, "patch_embed", None), "img_size", None)  # ViT-style fixed input
         if fixed is not None and tuple(self.data_config["input_size"][1:]) != tuple(fixed):
             self.data_config["input_size"] = (3, *tuple(fixed))  # built with another img_size than its pretrained cfg
-        self.data_config.update(checked_data_config({**self._saved_data_config, **(data_config or {})}))
+        self.data_config.update(checked_data_config({**saved_data_config, **(data_config or {})}))
         self.register_buffer("pixel_mean", torch.tensor(self.data_config["mean"], dtype=torch.float32), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.data_config["std"], dtype=torch.float32), persistent=False)
         self.top1 = self._accuracy(1)
@@ -204,13 +204,13 @@ class Classifier(L.LightningModule):
         self.train_losses: List[torch.Tensor] = []
 
     # --- building ---
-    def _build(self) -> Tuple[nn.Module, str, Optional[str]]:
+    def _build(self) -> Tuple[nn.Module, str, Optional[str], Dict[str, Any]]:
         import timm
 
         hp = self.hparams
-        self._saved_data_config: Dict[str, Any] = {}
         kwargs = dict(hp.model_kwargs or {})
         name, path, weights = hp.name, None, None
+        saved_data_config: Dict[str, Any] = {}  # what a folder written by save() was evaluated with
         sources = [s for s in ("pretrained", "checkpoint_path", "embedded") if getattr(hp, s)]
         if len(sources) > 1:
             raise ValueError(f"model: give at most one of pretrained / checkpoint_path / embedded, got {sources}")
@@ -240,7 +240,7 @@ class Classifier(L.LightningModule):
             name = name or saved_name
             kwargs = {**config.get("model_kwargs", {}), **kwargs}
             num_classes = num_classes or config.get("num_classes")
-            self._saved_data_config = config.get("data_config") or {}
+            saved_data_config = config.get("data_config") or {}
         if not name:
             raise ValueError("model.name (a timm model name) is required unless model.embedded or a saved folder is given")
         if num_classes is not None:
@@ -265,7 +265,7 @@ class Classifier(L.LightningModule):
             if missing or unexpected:
                 raise ValueError(f"weights {weights} do not fit timm {name!r}: missing {missing[:5]}, "
                                  f"unexpected {list(unexpected)[:5]}")
-        return model, name, path
+        return model, name, path, saved_data_config
 
     def _accuracy(self, k: int):
         from torchmetrics.classification import MulticlassAccuracy
