@@ -26,7 +26,9 @@ class WandaTrainer(Trainer):
 
         Args:
             output_dir: where report.json, calibration_ids.pt and (with save_model) the pruned model go;
-                written atomically, replaced only when the run succeeds.
+                written atomically when the run succeeds. Only a new or empty folder or an earlier
+                output of ours is replaced; any other folder, the working directory, the home folder
+                and folders holding an input are refused before any work.
             save_model: also save the pruned model as a Hugging Face folder (output_dir/model).
             validate_dense: measure the dense perplexity first (the baseline in the report).
         """
@@ -44,7 +46,8 @@ class WandaTrainer(Trainer):
             ckpt_path: resume from this checkpoint (weights, optimizer, masks).
             weights_only: passed to Lightning's checkpoint loading.
             output_dir: where report.json, masks.pt, model/ (LoRA: merged with the masked merge) and
-                adapter/ (LoRA: unmerged adapters + masks) go; written atomically. null: Lightning's
+                adapter/ (LoRA: unmerged adapters + masks) go; written atomically, under the same
+                rules as prune's output_dir. null: Lightning's
                 plain fit, no report (also when no datamodule is given).
             save_model: save the fine-tuned model as a Hugging Face folder (output_dir/model).
             validate_before: measure the metrics before fine-tuning (skipped when resuming).
@@ -75,6 +78,15 @@ class WandaCLI(LightningCLI):
             "model": {"class_path": "wanda_pl.modules.causal_lm.CausalLM"},
             "data": {"class_path": "wanda_pl.data.text_module.TextDataModule"},
         })
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse an output folder the run may not replace before any model is loaded."""
+        cfg = self.config[self.subcommand]
+        if self.subcommand in ("prune", "fit") and cfg.get("output_dir") is not None:
+            from wanda_pl.outputs import check_output_dir, config_inputs
+
+            check_output_dir(cfg.output_dir, config_inputs(cfg.as_dict()),
+                             writes={"trainer.default_root_dir": cfg.trainer.get("default_root_dir")})
 
     def before_prune(self) -> None:
         cfg = self.config[self.subcommand]

@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from .callbacks import Pruning
-from .report import overall_sparsity, layer_sparsity, peak_memory, sparsity_table, staged_dir, versions, write_json
+from .outputs import check_output_dir, run_inputs, staged_dir
+from .report import overall_sparsity, layer_sparsity, peak_memory, sparsity_table, versions, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,15 @@ def prune(
         raise ValueError("pruning.masks_from takes masks instead of computing them: it is for fit/validate, not prune")
     pruning.enabled = False
     # Everything that can be wrong with the input fails here, before any long work.
+    inputs = run_inputs(config, model=model.path)
+    writes = {"trainer.default_root_dir": trainer.default_root_dir}
+    check_output_dir(output_dir, inputs, writes)  # on every rank: each must fail alike
     datamodule.prepare_for(model)
     pruning.check(model)
-    protect = [model.path] if model.path and Path(model.path).exists() else []
 
     # Only rank 0 stages and commits the output: under DDP every rank runs this function, and
     # another rank's (empty) stage committed after rank 0's would replace the finished output.
-    stage_ctx = staged_dir(Path(output_dir), protect) if trainer.is_global_zero else nullcontext()
+    stage_ctx = staged_dir(output_dir, inputs, "prune", writes) if trainer.is_global_zero else nullcontext()
     with stage_ctx as stage:
         t0 = time.perf_counter()
         dense = _validate(trainer, model, datamodule) if validate_dense else None

@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from .callbacks import Pruning
-from .report import layer_sparsity, overall_sparsity, peak_memory, staged_dir, versions, write_json
+from .outputs import check_output_dir, run_inputs, staged_dir
+from .report import layer_sparsity, overall_sparsity, peak_memory, versions, write_json
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,17 @@ def fit_and_report(
         raise ValueError("trainer.limit_val_batches=0 turns off the validation before and after fine-tuning; "
                          "to skip validating while fitting, set trainer.check_val_every_n_epoch high instead")
     pruning = next((c for c in trainer.callbacks if isinstance(c, Pruning)), None)
+    inputs = run_inputs(config, model=getattr(model, "path", None), ckpt_path=ckpt_path,
+                        masks_from=pruning.masks_from if pruning is not None else None)
+    writes = {"trainer.default_root_dir": trainer.default_root_dir}
+    check_output_dir(output_dir, inputs, writes)  # on every rank, before any work
     if hasattr(datamodule, "prepare_for"):
         datamodule.prepare_for(model)
     if pruning is not None and pruning.enabled and pruning.masks_from is None:
         pruning.check(model)
-    protect = [p for p in (getattr(model, "path", None), ckpt_path) if p and Path(p).exists()]
-    if pruning is not None and pruning.masks_from not in (None, "zeros"):
-        protect.append(pruning.masks_from)
     is_lora = bool(getattr(model, "is_lora", False))
 
-    stage_ctx = staged_dir(Path(output_dir), protect) if trainer.is_global_zero else nullcontext()
+    stage_ctx = staged_dir(output_dir, inputs, "fit", writes) if trainer.is_global_zero else nullcontext()
     with stage_ctx as stage:
         # Before: on a resumed run the starting point is gone (the checkpoint holds trained weights).
         t0 = time.perf_counter()

@@ -1,16 +1,14 @@
-"""What decides a number is written next to it: sparsity, versions, atomic outputs, tables."""
+"""What decides a number is written next to it: sparsity, versions, atomic JSON, tables."""
 from __future__ import annotations
 
 import json
 import os
 import platform
 import resource
-import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, Mapping
+from typing import Dict, Mapping
 
 import torch
 import torch.nn as nn
@@ -67,30 +65,6 @@ def write_json(path: Path, obj) -> None:
         json.dump(obj, f, indent=2, default=str)
         f.write("\n")
     os.replace(tmp, path)
-
-
-@contextmanager
-def staged_dir(output_dir: Path, protect: Iterator[str] = ()) -> Iterator[Path]:
-    """A temporary sibling of ``output_dir`` that replaces it only if the body succeeds, so a
-    failed run leaves no half-written output. Refuses to replace a folder holding an input."""
-    output_dir = Path(output_dir).expanduser().resolve()
-    for p in protect:
-        p = Path(p).expanduser().resolve()
-        if p == output_dir or output_dir in p.parents:
-            raise ValueError(f"output_dir {str(output_dir)!r} would overwrite the input {str(p)!r}; choose another folder")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial.", dir=output_dir.parent))
-    try:
-        yield tmp
-        if output_dir.exists():
-            old = output_dir.with_name(f".{output_dir.name}.old.{os.getpid()}")
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sparsity_table(layers: Mapping[str, float]) -> str:
