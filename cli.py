@@ -32,7 +32,7 @@ class WandaTrainer(Trainer):
             save_model: also save the pruned model as a Hugging Face folder (output_dir/model).
             validate_dense: measure the dense perplexity first (the baseline in the report).
         """
-        from wanda_pl.commands import prune
+        from wanda_pl.commands.prune import prune
 
         return prune(self, model, datamodule, output_dir, save_model, validate_dense, getattr(self, "run_config", None))
 
@@ -54,7 +54,7 @@ class WandaTrainer(Trainer):
         """
         if output_dir is None or datamodule is None or train_dataloaders is not None:
             return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
-        from wanda_pl.finetune import fit_and_report
+        from wanda_pl.commands.fit import fit_and_report
 
         def plain_fit(m, datamodule, ckpt_path):
             super(WandaTrainer, self).fit(m, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
@@ -83,7 +83,7 @@ class WandaCLI(LightningCLI):
         """Refuse an output folder the run may not replace before any model is loaded."""
         cfg = self.config[self.subcommand]
         if self.subcommand in ("prune", "fit") and cfg.get("output_dir") is not None:
-            from wanda_pl.outputs import check_output_dir, config_inputs
+            from wanda_pl.commands.outputs import check_output_dir, config_inputs
 
             check_output_dir(cfg.output_dir, config_inputs(cfg.as_dict()),
                              writes={"trainer.default_root_dir": cfg.trainer.get("default_root_dir")})

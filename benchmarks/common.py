@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L  # noqa: E402
 
 from wanda_pl.callbacks import Calibration, Pruning  # noqa: E402
-from wanda_pl.commands import prune  # noqa: E402
-from wanda_pl.report import versions  # noqa: E402
+from wanda_pl.commands.prune import prune  # noqa: E402
+from wanda_pl.commands.report import versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -19,7 +19,7 @@ import lightning as L  # noqa: E402
 
 from wanda_pl.callbacks import Calibration, Pruning  # noqa: E402
 from wanda_pl.data.text_module import TextDataModule  # noqa: E402
-from wanda_pl.finetune import fit_and_report  # noqa: E402
+from wanda_pl.commands.fit import fit_and_report  # noqa: E402
 from wanda_pl.modules.causal_lm import CausalLM  # noqa: E402
 
 

@@ -26,7 +26,7 @@ def measure(part: str, args) -> dict:
     from common import Runner  # noqa: F401  (sets up sys.path and HF_HUB_OFFLINE)
     from wanda_pl.data.text_module import TextDataModule
     from wanda_pl.modules.causal_lm import CausalLM
-    from wanda_pl.report import peak_memory
+    from wanda_pl.commands.report import peak_memory
 
     module = CausalLM(args.model, dtype=args.dtype)
     dm = TextDataModule("wikipedia", "wikipedia", args.nsamples, args.seqlen, 0, 1)
@@ -75,7 +75,7 @@ def main() -> None:
         f"{max(r['cpu_rss_mb'] for r in pruned):.0f} |",
     ]
     from common import write_table
-    from wanda_pl.report import versions
+    from wanda_pl.commands.report import versions
 
     write_table("llm_speed", "| run | median seconds | x forward | peak RSS (MB) |", rows,
                 {"model": args.model, "dtype": args.dtype, "nsamples": args.nsamples, "seqlen": args.seqlen,

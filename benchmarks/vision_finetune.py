@@ -44,9 +44,9 @@ import torch  # noqa: E402
 from wanda_pl.callbacks import Calibration, Pruning  # noqa: E402
 from wanda_pl.data.assets import converted  # noqa: E402
 from wanda_pl.data.images import ImageFolderDataModule  # noqa: E402
-from wanda_pl.finetune import fit_and_report  # noqa: E402
+from wanda_pl.commands.fit import fit_and_report  # noqa: E402
 from wanda_pl.modules.classifier import Classifier  # noqa: E402
-from wanda_pl.report import versions  # noqa: E402
+from wanda_pl.commands.report import versions  # noqa: E402
 
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
 FILES = {

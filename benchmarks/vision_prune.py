@@ -34,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from wanda_pl.correction import find_sinks  # noqa: E402
-from wanda_pl.engine import PruneResult, prune_layers, prune_sequential  # noqa: E402
-from wanda_pl.hooks import collect_stats  # noqa: E402
+from wanda_pl.core.correction import find_sinks  # noqa: E402
+from wanda_pl.core.engine import PruneResult, prune_layers, prune_sequential  # noqa: E402
+from wanda_pl.core.hooks import collect_stats  # noqa: E402
 from wanda_pl.methods import PruneOptions, get_method  # noqa: E402
 from wanda_pl.modules.classifier import Classifier  # noqa: E402
 from wanda_pl.data.images import ImageFolderDataModule, load_image  # noqa: E402
-from wanda_pl.report import overall_sparsity  # noqa: E402
-from wanda_pl.sparsity import SparsitySpec  # noqa: E402
+from wanda_pl.commands.report import overall_sparsity  # noqa: E402
+from wanda_pl.core.sparsity import SparsitySpec  # noqa: E402
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # cli.py lives at the repository root
     sys.path.insert(0, str(ROOT))
 
-import wanda_pl.commands as commands  # noqa: E402
+import wanda_pl.commands.prune as commands  # noqa: E402
 from cli import main  # noqa: E402
 from wanda_pl.hub import EMBEDDED_MODELS  # noqa: E402
 
@@ -180,7 +180,7 @@ def test_failed_rerun_keeps_previous_output(tiny_dirs, text_file, tmp_path, monk
 
 # --------------------------------------------------------------------------- reproducibility and reload
 def block_linears(model):
-    from wanda_pl.adapters import find_blocks, select_targets
+    from wanda_pl.families.hf_causal import find_blocks, select_targets
 
     prefix, blocks = find_blocks(model)
     out = {}

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from wanda_pl import correction
-from wanda_pl.engine import prune_sequential
-from wanda_pl.hooks import BlockInput
+from wanda_pl.core import correction
+from wanda_pl.core.engine import prune_sequential
+from wanda_pl.core.hooks import BlockInput
 from wanda_pl.methods import PruneOptions, get_method
-from wanda_pl.sparsity import SparsitySpec
-from wanda_pl.stats import LayerStats, flatten_inputs
+from wanda_pl.core.sparsity import SparsitySpec
+from wanda_pl.core.stats import LayerStats, flatten_inputs
 from wanda_pl.methods.wanda import wanda_score
 
 

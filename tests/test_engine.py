@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from wanda_pl.adapters import find_blocks, select_targets
+from wanda_pl.families.hf_causal import find_blocks, select_targets
 from wanda_pl.callbacks import Calibration, Pruning
-from wanda_pl.engine import prune_sequential
-from wanda_pl.hooks import capture_inputs
+from wanda_pl.core.engine import prune_sequential
+from wanda_pl.core.hooks import capture_inputs
 from wanda_pl.methods import PruneOptions, get_method
 from wanda_pl.modules.causal_lm import CausalLM
-from wanda_pl.sparsity import SparsitySpec
+from wanda_pl.core.sparsity import SparsitySpec
 
 NSAMPLES, SEQLEN = 4, 32
 

@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # cli.py lives at the repository root
     sys.path.insert(0, str(ROOT))
 
-from wanda_pl import lora  # noqa: E402
+from wanda_pl.training import lora  # noqa: E402
 from wanda_pl.callbacks import Calibration, Pruning  # noqa: E402
 from wanda_pl.data.text_module import TextDataModule  # noqa: E402
 from wanda_pl.modules.causal_lm import CausalLM, window_nll  # noqa: E402
-from wanda_pl.report import overall_sparsity  # noqa: E402
+from wanda_pl.commands.report import overall_sparsity  # noqa: E402
 
 SEQLEN, NSAMPLES = 32, 8
 

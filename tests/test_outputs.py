@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli
-from wanda_pl import outputs
-from wanda_pl.outputs import MARKER, OutputDirError, check_output_dir, config_inputs, staged_dir
+from wanda_pl.commands import outputs
+from wanda_pl.commands.outputs import MARKER, OutputDirError, check_output_dir, config_inputs, staged_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

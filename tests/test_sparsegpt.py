@@ -6,8 +6,8 @@ import torch
 
 from wanda_pl.methods import PruneOptions, get_method
 from wanda_pl.methods.sparsegpt import sparsegpt_prune
-from wanda_pl.sparsity import SparsitySpec, nm_mask, select_mask
-from wanda_pl.stats import LayerStats
+from wanda_pl.core.sparsity import SparsitySpec, nm_mask, select_mask
+from wanda_pl.core.stats import LayerStats
 
 OUT, IN, TOKENS, NSAMPLES = 16, 64, 512, 4
 

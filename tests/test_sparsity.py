@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from wanda_pl.methods import PruneOptions, get_method
-from wanda_pl.sparsity import SparsitySpec, layer_mask, nm_mask, row_mask, select_mask, variant_mask
-from wanda_pl.stats import LayerStats
+from wanda_pl.core.sparsity import SparsitySpec, layer_mask, nm_mask, row_mask, select_mask, variant_mask
+from wanda_pl.core.stats import LayerStats
 
 
 # --------------------------------------------------------------------------- parsing

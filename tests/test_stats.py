@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wanda_pl.hooks import collect_stats
-from wanda_pl.stats import LayerStats, flatten_inputs, in_features, weight_matrix
+from wanda_pl.core.hooks import collect_stats
+from wanda_pl.core.stats import LayerStats, flatten_inputs, in_features, weight_matrix
 
 
 def _chunks(seed=0, width=24):

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wanda_pl.engine import PruneResult, prune_layers
-from wanda_pl.hooks import collect_stats
+from wanda_pl.core.engine import PruneResult, prune_layers
+from wanda_pl.core.hooks import collect_stats
 from wanda_pl.methods import PruneOptions, get_method
-from wanda_pl.sparsity import SparsitySpec
+from wanda_pl.core.sparsity import SparsitySpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, pretrained=False)

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from wanda_pl.engine import prune_sequential
-from wanda_pl.hooks import collect_stats
+from wanda_pl.core.engine import prune_sequential
+from wanda_pl.core.hooks import collect_stats
 from wanda_pl.methods import PruneOptions, get_method
-from wanda_pl.sparsity import SparsitySpec
+from wanda_pl.core.sparsity import SparsitySpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

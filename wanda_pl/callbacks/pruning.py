@@ -19,11 +19,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .. import correction
-from ..engine import PruneResult, check_targets, needs_activations, prune_sequential
+from ..core import correction
+from ..core.engine import PruneResult, check_targets, needs_activations, prune_sequential
 from ..methods import PruneOptions, get_method
-from ..sharding import full, is_dtensor, is_sharded, local, local_mask
-from ..sparsity import GRANULARITIES, SparsitySpec
+from ..training.sharding import full, is_dtensor, is_sharded, local, local_mask
+from ..core.sparsity import GRANULARITIES, SparsitySpec
 from .calibration import Calibration
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class Pruning(Callback):
             if not any(bool(m.any()) for m in masks.values()):
                 log.warning("pruning.masks_from=zeros: the model has no zero weight in its targets (is it dense?)")
             return masks
-        from ..lora import load_masks
+        from ..training.lora import load_masks
 
         return load_masks(self.masks_from, {name: m.weight for name, m in targets.items()})
 
@@ -268,7 +268,7 @@ class Pruning(Callback):
 
 def _sparsity(pl_module) -> Optional[float]:
     """Zeros over all prunable weights; sharded weights are counted over all ranks (a collective)."""
-    from ..report import overall_sparsity
+    from ..commands.report import overall_sparsity
 
     return overall_sparsity(pl_module.all_targets()) if hasattr(pl_module, "all_targets") else None
 

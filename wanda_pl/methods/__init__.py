@@ -11,8 +11,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from ..sparsity import SparsitySpec
-from ..stats import LayerStats
+from ..core.sparsity import SparsitySpec
+from ..core.stats import LayerStats
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Magnitude pruning: score ``|W|``, one threshold per layer by default (the paper's baseline)."""
 from __future__ import annotations
 
-from ..sparsity import select_mask
+from ..core.sparsity import select_mask
 from . import Method, register
 
 

@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
-from ..sparsity import SparsitySpec, nm_mask, select_mask
+from ..core.sparsity import SparsitySpec, nm_mask, select_mask
 from . import Method, register
 from .wanda import wanda_score
 

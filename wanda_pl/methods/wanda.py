@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sparsity import select_mask
+from ..core.sparsity import select_mask
 from . import Method, register
 
 

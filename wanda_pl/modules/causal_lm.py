@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..adapters import find_blocks, select_targets
-from ..hooks import BlockInput, capture_inputs
+from ..families.hf_causal import find_blocks, select_targets
+from ..core.hooks import BlockInput, capture_inputs
 from ..hub import EMBEDDED_MODELS, hub_error, resolve_model
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class CausalLM(L.LightningModule):
         learning_rate: for fine-tuning (``fit``).
         weight_decay: for fine-tuning (AdamW).
         finetune: ``full`` (train the parameters ``trainable`` selects) or ``lora`` (train masked LoRA
-            adapters only; see ``wanda_pl.lora``). Pruned weights stay exactly zero either way.
+            adapters only; see ``wanda_pl.training.lora``). Pruned weights stay exactly zero either way.
         trainable: full mode: regexes of the parameter names to train (None: all of them).
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha (the update is scaled by alpha / r).
@@ -190,7 +190,7 @@ class CausalLM(L.LightningModule):
             return
         import re
 
-        from .. import lora
+        from ..training import lora
 
         hp = self.hparams
         if self.is_lora:
@@ -209,7 +209,7 @@ class CausalLM(L.LightningModule):
 
     def set_masks(self, masks: Dict[str, torch.Tensor]) -> None:
         """From the Pruning callback when fitting starts: the adapters' updates skip pruned weights."""
-        from .. import lora
+        from ..training import lora
 
         self.masks = masks
         lora.set_masks(self.model, masks)
@@ -246,14 +246,14 @@ class CausalLM(L.LightningModule):
         return out
 
     def save_adapter(self, folder, extra: Optional[Dict[str, Any]] = None) -> None:
-        """The unmerged masked adapters, their config and the masks (``wanda_pl.lora.load_adapter``)."""
-        from .. import lora
+        """The unmerged masked adapters, their config and the masks (``wanda_pl.training.lora.load_adapter``)."""
+        from ..training import lora
 
         lora.save_adapter(self.model, folder, self.masks, {"base_model": self.path, **(extra or {})})
 
     def merge_lora(self) -> int:
         """Merge the adapters into the weights, in place (``W + K * (B A) * scaling``); returns how many."""
-        from .. import lora
+        from ..training import lora
 
         return len(lora.merge(self.model))
 
@@ -277,7 +277,7 @@ class CausalLM(L.LightningModule):
     def save(self, folder, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """The (pruned) network as a Hugging Face folder that ``from_pretrained`` reloads.
 
-        ``state_dict``: the whole weights of a sharded model (``wanda_pl.sharding.full_state_dict``,
+        ``state_dict``: the whole weights of a sharded model (``wanda_pl.training.sharding.full_state_dict``,
         gathered on every rank before rank 0 saves)."""
         self.model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(folder)

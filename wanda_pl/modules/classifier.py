@@ -42,8 +42,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..adapters import is_prunable, select_targets
-from ..hooks import BlockInput, capture_inputs
+from ..families.hf_causal import is_prunable, select_targets
+from ..core.hooks import BlockInput, capture_inputs
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Dict, Mapping
 import torch
 import torch.nn as nn
 
-from .sharding import count_zeros
+from ..training.sharding import count_zeros
 
 
 def layer_sparsity(targets: Mapping[str, nn.Module]) -> Dict[str, float]:

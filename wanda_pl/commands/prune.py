@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .callbacks import Pruning
+from ..callbacks import Pruning
 from .outputs import check_output_dir, run_inputs, staged_dir
 from .report import overall_sparsity, layer_sparsity, peak_memory, sparsity_table, versions, write_json
 

@@ -7,7 +7,7 @@ atomically into ``output_dir``:
 * ``report.json``: sparsity and metrics before and after, steps, time, mode, config;
 * ``model/``: the fine-tuned model as a Hugging Face folder (LoRA: merged with the masked merge);
 * ``masks.pt``: the masks (layer name -> bool, True = pruned);
-* ``adapter/`` (LoRA): the unmerged adapters + masks (``wanda_pl.lora.load_adapter``).
+* ``adapter/`` (LoRA): the unmerged adapters + masks (``wanda_pl.training.lora.load_adapter``).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from .callbacks import Pruning
+from ..callbacks import Pruning
 from .outputs import check_output_dir, run_inputs, staged_dir
 from .report import layer_sparsity, overall_sparsity, peak_memory, versions, write_json
 
@@ -96,7 +96,7 @@ def fit_and_report(
         if is_lora:
             unmerged = _probe_output(model, datamodule)
             if trainer.is_global_zero:
-                extra = {"load_with": "wanda_pl.lora.load_adapter(base_model, folder): applies masks.pt to the base too"}
+                extra = {"load_with": "wanda_pl.training.lora.load_adapter(base_model, folder): applies masks.pt to the base too"}
                 if pruning is not None and pruning.masks_source == "pruned" and pruning.method.needs_hessian:
                     # The solver changed the kept weights: the base is not the input model + masks.
                     model.save(stage / "adapter" / "base")
@@ -112,7 +112,7 @@ def fit_and_report(
         t_after = time.perf_counter() - t0
 
         targets = model.all_targets()
-        from .lora import masked_nonzero
+        from ..training.lora import masked_nonzero
 
         losses = [float(x) for x in getattr(model, "train_losses", [])]
         report = {
@@ -140,7 +140,7 @@ def fit_and_report(
             "layers": layer_sparsity(targets),
             "config": config,
         }
-        from .sharding import full_state_dict
+        from ..training.sharding import full_state_dict
 
         whole = full_state_dict(model.model) if save_model else None  # sharded: gathered by every rank
         if trainer.is_global_zero:

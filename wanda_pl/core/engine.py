@@ -8,7 +8,7 @@ reference's behaviour); a method that needs no activations (magnitude) runs no f
 pass at all. Activations live on ``store_device`` (CPU by default) between blocks, while
 each block runs on its own device, so calibration memory on the accelerator is one block.
 With ``options.bias_correction`` every method (magnitude too) calibrates, sees statistics about
-the input mean, and each layer's lost mean output is put back (:mod:`wanda_pl.correction`).
+the input mean, and each layer's lost mean output is put back (:mod:`wanda_pl.core.correction`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import correction
 from .hooks import BlockInput, collect_stats
-from .methods import Method, PruneOptions
+from ..methods import Method, PruneOptions
 from .sparsity import SparsitySpec
 from .stats import weight_matrix
 
