@@ -180,7 +180,8 @@ def test_failed_rerun_keeps_previous_output(tiny_dirs, text_file, tmp_path, monk
 
 # --------------------------------------------------------------------------- reproducibility and reload
 def block_linears(model):
-    from wanda_pl.families.hf_causal import find_blocks, select_targets
+    from wanda_pl.core.layers import select_targets
+    from wanda_pl.families.hf_causal import find_blocks
 
     prefix, blocks = find_blocks(model)
     out = {}

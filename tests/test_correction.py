@@ -11,7 +11,8 @@ from wanda_pl.core.engine import prune_sequential
 from wanda_pl.core.hooks import BlockInput
 from wanda_pl.methods import PruneOptions, get_method
 from wanda_pl.core.sparsity import SparsitySpec
-from wanda_pl.core.stats import LayerStats, flatten_inputs
+from wanda_pl.core.stats import LayerStats
+from wanda_pl.core.layers import flatten_inputs
 from wanda_pl.methods.wanda import wanda_score
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from wanda_pl.families.hf_causal import find_blocks, select_targets
+from wanda_pl.families.hf_causal import find_blocks
+from wanda_pl.core.layers import select_targets
 from wanda_pl.callbacks import Calibration, Pruning
 from wanda_pl.core.engine import prune_sequential
 from wanda_pl.core.hooks import capture_inputs

@@ -125,7 +125,7 @@ def test_bias_correction_end_to_end(tiny_dirs, text_file, tmp_path, family):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from wanda_pl.core.stats import flatten_inputs
+    from wanda_pl.core.layers import flatten_inputs
 
     out = tmp_path / "out"
     run_prune(tiny_dirs[family], text_file, out, "magnitude", "unstructured", "--pruning.bias_correction", "true",

@@ -5,7 +5,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wanda_pl.core.hooks import collect_stats
-from wanda_pl.core.stats import LayerStats, flatten_inputs, in_features, weight_matrix
+from wanda_pl.core.stats import LayerStats
+from wanda_pl.core.layers import flatten_inputs, in_features, weight_matrix
 
 
 def _chunks(seed=0, width=24):

@@ -26,7 +26,7 @@ from . import correction
 from .hooks import BlockInput, collect_stats
 from ..methods import Method, PruneOptions
 from .sparsity import SparsitySpec
-from .stats import weight_matrix
+from .layers import param_mask, weight_matrix
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,6 @@ class PruneResult:
     masks: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> bool, shaped like module.weight
     time_metric_s: float = 0.0  # mask + weight-update computation only (how the paper timed methods)
     time_forward_s: float = 0.0
-
-
-def param_mask(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
-    """A mask over ``weight_matrix(module)`` reshaped like ``module.weight``."""
-    if type(module).__name__ == "Conv1D":
-        return mask.t().contiguous()
-    return mask.reshape(module.weight.shape)
 
 
 def check_targets(targets: Dict[str, nn.Module], spec: SparsitySpec) -> None:

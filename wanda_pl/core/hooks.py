@@ -8,7 +8,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 import torch.nn as nn
 
-from .stats import LayerStats, flatten_inputs, in_features
+from .layers import flatten_inputs, in_features
+from .stats import LayerStats
 
 
 def move(obj: Any, device) -> Any:

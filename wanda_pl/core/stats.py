@@ -1,9 +1,8 @@
 """Calibration statistics: small fp32 accumulators fed by forward hooks.
 
 For a layer ``y = W x`` with W of shape (out, in), the input activations of a batch are
-flattened to X of shape (tokens, in) by :func:`flatten_inputs` (Linear / HF Conv1D: all
-leading dims are tokens; Conv2d: unfolded patches, so a k x k conv is the linear map of
-its (in * k * k)-wide patches). The accumulators keep, over calibration samples:
+flattened to X of shape (tokens, in) by :func:`wanda_pl.core.layers.flatten_inputs` (one rule
+per layer kind: Linear / HF Conv1D: all leading dims are tokens; Conv2d: unfolded patches). The accumulators keep, over calibration samples:
 
 - ``sq_sum[j] = sum_t X[t, j]^2`` -> Wanda's ``scaler_row = sq_sum / nsamples``,
 - optionally ``xtx = X^T X``     -> SparseGPT's Hessian ``H = 2 * xtx / nsamples``,
@@ -18,37 +17,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The (out, in) view of a prunable module's weight, sharing storage with it."""
-    w = module.weight
-    if isinstance(module, nn.Conv2d):
-        return w.reshape(w.shape[0], -1)
-    if type(module).__name__ == "Conv1D":  # HF GPT-2 style: weight is (in, out)
-        return w.t()
-    return w
-
-
-def in_features(module: nn.Module) -> int:
-    return weight_matrix(module).shape[1]
-
-
-def flatten_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Input activations of ``module`` as (tokens, in_features) in fp32."""
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise ValueError("grouped / depthwise convolutions are not prunable targets")
-        if module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in ((0, 0), "valid"):
-            return x.detach().float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-        padding = module.padding
-        if isinstance(padding, str):
-            raise ValueError(f"conv padding {padding!r} cannot be unfolded; use explicit padding")
-        cols = F.unfold(x.detach().float(), module.kernel_size, module.dilation, padding, module.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return x.detach().float().reshape(-1, x.shape[-1])
 
 
 @dataclass

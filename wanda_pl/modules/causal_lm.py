@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..families.hf_causal import find_blocks, select_targets
+from ..families.hf_causal import find_blocks
+from ..core.layers import select_targets
 from ..core.hooks import BlockInput, capture_inputs
 from ..hub import EMBEDDED_MODELS, hub_error, resolve_model
 

@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..families.hf_causal import is_prunable, select_targets
+from ..core.layers import is_prunable, select_targets
 from ..core.hooks import BlockInput, capture_inputs
 
 log = logging.getLogger(__name__)
