@@ -102,7 +102,7 @@ def main(args: Optional[list] = None) -> None:
     # A deprecation inside Lightning's own pytree helper, printed on every run; nothing for users to act on.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     if argv[:1] == ["assets"]:
-        from wanda_pl.data.assets import ensure_all
+        from wanda_pl.assets.registry import ensure_all
 
         if len(argv) > 1:
             sys.exit("usage: python cli.py assets   (fetch and verify every embedded asset; prints {name: path} as JSON)")

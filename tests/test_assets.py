@@ -1,10 +1,11 @@
 """The embedded-asset cache (fetch, verify, convert) and the two real assets built on it.
 
-The fast tests never touch the network: ``assets._download`` is replaced by a function that
+The fast tests never touch the network: ``fetch.download`` is replaced by a function that
 writes a small archive built here. The ``slow`` tests use the real cache (``$WANDA_PL_HOME``),
 downloading and converting the real model and Wikipedia text on first use."""
 from __future__ import annotations
 
+import ast
 import bz2
 import hashlib
 import io
@@ -22,10 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from wanda_pl.data import assets, embedded
-from wanda_pl.data.assets import MANIFEST, AssetError, PackageFile
-from wanda_pl.data.embedded import strip_wikitext
+from wanda_pl.assets import fetch as cache
+from wanda_pl.assets import models, resolve
+from wanda_pl.assets import registry as assets
+from wanda_pl.assets import text as wikipedia
+from wanda_pl.assets.fetch import MANIFEST, AssetError, PackageFile
+from wanda_pl.assets.wikitext import strip_wikitext
 
+PACKAGE = Path(wikipedia.__file__).resolve().parents[1]  # wanda_pl/
 PAYLOAD = b"real asset bytes\n" * 1000
 MEMBER = "fakepkg/data/payload.bin"
 
@@ -78,7 +83,7 @@ def home(tmp_path, monkeypatch):
 @pytest.fixture
 def registry(monkeypatch):
     reg = FakeRegistry()
-    monkeypatch.setattr(assets, "_download", reg)
+    monkeypatch.setattr(cache, "download", reg)
     return reg
 
 
@@ -93,10 +98,10 @@ def _cached_files(root: Path) -> list:
 
 
 def test_fetch_downloads_once_and_verifies(home, registry):
-    path = assets.fetch(PF)
+    path = cache.fetch(PF)
     assert path.read_bytes() == PAYLOAD
     assert path.is_relative_to(home)
-    assert assets.fetch(PF) == path
+    assert cache.fetch(PF) == path
     assert registry.calls == 1
     # only the verified file stays: the downloaded archive and temp folders are gone
     assert _cached_files(home) == [path]
@@ -104,13 +109,13 @@ def test_fetch_downloads_once_and_verifies(home, registry):
 
 def test_fetch_from_sdist(home, monkeypatch):
     reg = FakeRegistry(kind="sdist")
-    monkeypatch.setattr(assets, "_download", reg)
-    assert assets.fetch(PF).read_bytes() == PAYLOAD
+    monkeypatch.setattr(cache, "download", reg)
+    assert cache.fetch(PF).read_bytes() == PAYLOAD
 
 
 @pytest.mark.parametrize("damage", ["truncate", "modify", "empty"])
 def test_damaged_cached_file_is_fetched_again(home, registry, damage):
-    path = assets.fetch(PF)
+    path = cache.fetch(PF)
     data = path.read_bytes()
     if damage == "truncate":
         path.write_bytes(data[: len(data) // 2])
@@ -118,7 +123,7 @@ def test_damaged_cached_file_is_fetched_again(home, registry, damage):
         path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
     else:
         path.write_bytes(b"")
-    again = assets.fetch(PF)
+    again = cache.fetch(PF)
     assert registry.calls == 2
     assert again == path
     assert again.read_bytes() == PAYLOAD
@@ -127,37 +132,37 @@ def test_damaged_cached_file_is_fetched_again(home, registry, damage):
 def test_wrong_sha256_is_refused_and_leaves_nothing(home, registry):
     bad = PackageFile("fakepkg", "1.0", MEMBER, _sha(b"something else"))
     with pytest.raises(AssetError, match="refusing"):
-        assets.fetch(bad)
+        cache.fetch(bad)
     assert registry.calls == 1
     assert _cached_files(home) == []
     # nothing half-done stays behind that a later call could pick up
     with pytest.raises(AssetError):
-        assets.fetch(bad)
+        cache.fetch(bad)
     assert registry.calls == 2
     assert _cached_files(home) == []
 
 
 def test_tampered_package_is_refused(home, monkeypatch):
-    monkeypatch.setattr(assets, "_download", FakeRegistry(payload=PAYLOAD[:-1] + b"X"))
+    monkeypatch.setattr(cache, "download", FakeRegistry(payload=PAYLOAD[:-1] + b"X"))
     with pytest.raises(AssetError, match=PF.sha256):
-        assets.fetch(PF)
+        cache.fetch(PF)
     assert _cached_files(home) == []
 
 
 def test_missing_member_is_an_error(home, registry):
     with pytest.raises(AssetError, match="not found"):
-        assets.fetch(PackageFile("fakepkg", "1.0", "fakepkg/nope.bin", PF.sha256))
+        cache.fetch(PackageFile("fakepkg", "1.0", "fakepkg/nope.bin", PF.sha256))
     assert _cached_files(home) == []
 
 
 def test_concurrent_fetch_in_threads_downloads_once(home, monkeypatch):
     reg = FakeRegistry(delay=0.5)
-    monkeypatch.setattr(assets, "_download", reg)
+    monkeypatch.setattr(cache, "download", reg)
     results, errors = [], []
 
     def work():
         try:
-            results.append(assets.fetch(PF))
+            results.append(cache.fetch(PF))
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -175,8 +180,8 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from wanda_pl.data import assets
-    from wanda_pl.data.assets import PackageFile
+    from wanda_pl.assets import fetch as cache
+    from wanda_pl.assets.fetch import PackageFile
 
     wheel, counter, sha = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
@@ -188,8 +193,8 @@ _CHILD = textwrap.dedent(
         target.write_bytes(wheel.read_bytes())
         return target
 
-    assets._download = fake_download
-    print(assets.fetch(PackageFile("fakepkg", "1.0", "fakepkg/data/payload.bin", sha)))
+    cache.download = fake_download
+    print(cache.fetch(PackageFile("fakepkg", "1.0", "fakepkg/data/payload.bin", sha)))
     """
 )
 
@@ -231,7 +236,7 @@ class Builder:
 
 def test_converted_builds_once_with_manifest(home):
     build = Builder()
-    folder = assets.converted("things/x", build)
+    folder = cache.converted("things/x", build)
     assert folder == home / "things" / "x"
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["made_by"] == "test"
@@ -239,7 +244,7 @@ def test_converted_builds_once_with_manifest(home):
         "a.txt": _sha((folder / "a.txt").read_bytes()),
         "b.bin": _sha((folder / "b.bin").read_bytes()),
     }
-    assert assets.converted("things/x", build) == folder
+    assert cache.converted("things/x", build) == folder
     assert build.calls == 1
     # no temp folders left beside it
     assert sorted(p.name for p in folder.parent.iterdir() if not p.name.endswith(".lock")) == ["x"]
@@ -248,7 +253,7 @@ def test_converted_builds_once_with_manifest(home):
 @pytest.mark.parametrize("damage", ["truncate", "modify", "delete", "manifest"])
 def test_converted_rebuilds_a_damaged_folder(home, damage):
     build = Builder()
-    folder = assets.converted("things/x", build)
+    folder = cache.converted("things/x", build)
     original = (folder / "b.bin").read_bytes()
     if damage == "truncate":
         (folder / "b.bin").write_bytes(original[:-10])
@@ -258,18 +263,18 @@ def test_converted_rebuilds_a_damaged_folder(home, damage):
         (folder / "b.bin").unlink()
     else:
         (folder / MANIFEST).write_text("{not json")
-    assert assets.converted("things/x", build) == folder
+    assert cache.converted("things/x", build) == folder
     assert build.calls == 2
     assert (folder / "b.bin").read_bytes() == original
-    assert assets.manifest_ok(folder)
+    assert cache.manifest_ok(folder)
 
 
 def test_converted_rebuilds_for_a_new_format_version(home):
     build = Builder()
-    folder = assets.converted("things/x", build, version="1")
-    assets.converted("things/x", build, version="1")
+    folder = cache.converted("things/x", build, version="1")
+    cache.converted("things/x", build, version="1")
     assert build.calls == 1
-    assets.converted("things/x", build, version="2")
+    cache.converted("things/x", build, version="2")
     assert build.calls == 2
     assert json.loads((folder / MANIFEST).read_text())["format_version"] == "2"
 
@@ -280,7 +285,7 @@ def test_failed_build_leaves_nothing(home):
         raise RuntimeError("conversion failed")
 
     with pytest.raises(RuntimeError, match="conversion failed"):
-        assets.converted("things/x", broken)
+        cache.converted("things/x", broken)
     assert not (home / "things" / "x").exists()
     assert _cached_files(home) == []
 
@@ -288,7 +293,7 @@ def test_failed_build_leaves_nothing(home):
 def test_concurrent_converted_builds_once(home):
     build = Builder(delay=0.5)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(assets.converted("things/x", build)))
+    threads = [threading.Thread(target=lambda: results.append(cache.converted("things/x", build)))
                for _ in range(4)]
     for t in threads:
         t.start()
@@ -298,17 +303,171 @@ def test_concurrent_converted_builds_once(home):
     assert len(results) == 4 and len(set(results)) == 1
 
 
+def test_package_files_downloads_once_for_many_members(home, registry):
+    package = ("fakepkg", "1.0", "fakepkg/data/")
+    files = cache.package_files(package, {"payload.bin": PF.sha256})
+    assert files["payload.bin"] == home / "files" / PF.sha256[:16] / "payload.bin"  # the cache path of fetch()
+    assert files["payload.bin"].read_bytes() == PAYLOAD
+    assert cache.package_files(package, {"payload.bin": PF.sha256}) == files
+    assert cache.fetch(PF) == files["payload.bin"]
+    assert registry.calls == 1
+    bad = _sha(b"other")
+    with pytest.raises(AssetError, match=f"fakepkg/data/payload.bin in fakepkg==1.0 has sha256 {PF.sha256}, "
+                                         f"expected {bad}: refusing to use it"):
+        cache.package_files(package, {"payload.bin": bad})
+
+
+def test_converted_tree_checks_the_files_below(home):
+    calls = []
+
+    def build(tmp: Path) -> dict:
+        calls.append(1)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.txt").write_text("alpha")
+        (tmp / "top.json").write_text("{}")
+        return {"made_by": "test"}
+
+    folder = cache.converted_tree("things/tree", build, version="1")
+    inventory = json.loads((folder / cache.INVENTORY).read_text())
+    assert inventory == {"sub/a.txt": _sha(b"alpha")}
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["tree_files"] == 1 and manifest["format_version"] == "1"
+    assert set(manifest["files"]) == {"top.json", cache.INVENTORY}
+    assert cache.converted_tree("things/tree", build, version="1") == folder and len(calls) == 1
+    (folder / "sub" / "a.txt").write_text("alphA")  # below the top level: only the inventory sees it
+    assert cache.manifest_ok(folder, "1")
+    assert cache.converted_tree("things/tree", build, version="1") == folder and len(calls) == 2
+    assert (folder / "sub" / "a.txt").read_text() == "alpha"
+    (folder / "sub" / "extra.txt").write_text("not built")
+    cache.converted_tree("things/tree", build, version="1")
+    assert len(calls) == 3 and not (folder / "sub" / "extra.txt").exists()
+
+
 def test_unknown_asset_names_the_known_ones():
     with pytest.raises(AssetError) as err:
         assets.ensure("no-such-asset")
     msg = str(err.value)
     assert "no-such-asset" in msg
     assert "smollm2-135m" in msg and "wikipedia" in msg
+    assert msg.endswith("known: " + ", ".join(sorted(assets.REGISTRY)))
+    assert assets.AssetError is cache.AssetError  # one error class, whichever module it is imported from
 
 
 def test_registry_holds_the_embedded_assets():
-    assets._load_asset_modules()
     assert {"smollm2-135m", "wikipedia"} <= set(assets.REGISTRY)
+    assert list(assets.REGISTRY) == ["smollm2-135m", "wikipedia", "efficientnet-lite0", "imagenet-photos",
+                                       "natural-images", "zero-shot-tasks"]
+    for name, asset in assets.REGISTRY.items():
+        assert callable(asset.build) and asset.build.__module__.startswith("wanda_pl.assets."), name
+        assert asset.kind in assets.KINDS, name
+
+
+def test_registry_is_the_one_source_of_embedded_names():
+    by_kind = {kind: tuple(n for n, a in assets.REGISTRY.items() if a.kind == kind) for kind in assets.KINDS}
+    derived = {
+        assets.CAUSAL_LM: assets.EMBEDDED_MODELS,
+        assets.TEXT: assets.EMBEDDED_TEXT,
+        assets.CLASSIFIER: assets.EMBEDDED_CLASSIFIERS,
+        assets.IMAGES: assets.EMBEDDED_IMAGES,
+        assets.TASK_DATA: assets.EMBEDDED_TASKS,
+    }
+    assert set(derived) == set(assets.KINDS)
+    for kind, names in derived.items():
+        assert names == by_kind[kind] == assets.names(kind), kind  # every registry key of that kind, and only those
+    # every name has exactly one kind, and every registry key is in one of the tuples
+    assert sorted(n for names in derived.values() for n in names) == sorted(assets.REGISTRY)
+    assert assets.EMBEDDED_MODELS == ("smollm2-135m",) and assets.EMBEDDED_TEXT == ("wikipedia",)
+    assert assets.EMBEDDED_CLASSIFIERS == ("efficientnet-lite0",)
+    assert assets.EMBEDDED_IMAGES == ("imagenet-photos", "natural-images")
+    assert assets.EMBEDDED_TASKS == ("zero-shot-tasks",)
+    # resolve hands on the registry's tuples, it does not keep its own
+    assert resolve.EMBEDDED_MODELS is assets.EMBEDDED_MODELS and resolve.EMBEDDED_TEXT is assets.EMBEDDED_TEXT
+    with pytest.raises(ValueError, match="unknown asset kind"):
+        assets.names("no-such-kind")
+    # nowhere else in the package is a list of embedded names defined or an asset registered
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        assigned = {t.id for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                    if isinstance(t, ast.Name)}
+        if path != Path(assets.__file__).resolve():
+            assert not {n for n in assigned if n.startswith("EMBEDDED_") or n == "REGISTRY"}, path
+        decorators = {ast.unparse(d) for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                      for d in node.decorator_list}
+        assert not any(d.startswith("register(") for d in decorators), path
+
+
+def test_embedded_model_names_resolve_through_the_registry(monkeypatch, tmp_path):
+    monkeypatch.setitem(assets.REGISTRY, "smollm2-135m",
+                        assets.Asset(assets.CAUSAL_LM, lambda: tmp_path / "cached-model"))
+    assert resolve.resolve_model("smollm2-135m") == str(tmp_path / "cached-model")
+    assert resolve.resolve_model("org/model") == "org/model"  # a hub id, unchanged
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve.resolve_model(str(tmp_path / "no" / "such" / "folder"))
+
+
+# ----------------------------------------------------------------------------- package layering
+
+
+def _import_graph() -> dict:
+    """module -> the wanda_pl modules it imports (top level or inside functions), from the source."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
+    graph = {}
+    for mod, (path, is_pkg) in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+                base = base[: len(base) - node.level + 1] if node.level else []
+                prefix = ".".join(base + ([node.module] if node.module else []))
+                targets = [prefix] + [f"{prefix}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in targets:
+                while name and name not in modules:
+                    name = name.rpartition(".")[0]
+                if name and name != mod:
+                    deps.add(name)
+        graph[mod] = deps
+    return graph
+
+
+def _reaches(graph: dict, start: str) -> set:
+    seen, todo = set(), list(graph[start])
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph.get(m, ()))
+    return seen
+
+
+@pytest.mark.parametrize("area", ["wanda_pl.assets", "wanda_pl.data", "wanda_pl.eval"])
+def test_no_import_cycle_through_assets_data_or_eval(area):
+    graph = _import_graph()
+    mine = [m for m in graph if m == area or m.startswith(area + ".")]
+    assert len(mine) > 1
+    cycles = [m for m in mine if m in _reaches(graph, m)]
+    assert not cycles, {m: sorted(graph[m]) for m in cycles}
+
+
+def test_assets_import_nothing_of_the_pipeline_and_no_private_names():
+    graph = _import_graph()
+    for mod, deps in graph.items():
+        if mod.startswith("wanda_pl.assets"):
+            assert all(d.startswith("wanda_pl.assets") for d in deps), (mod, sorted(deps))
+    for area in ("assets", "data", "eval"):
+        for path in sorted((PACKAGE / area).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                    private = [a.name for a in node.names if a.name.startswith("_")]
+                    assert not private, f"{path.name} imports private {private} from {node.module}"
 
 
 # ----------------------------------------------------------------------------- wikitext
@@ -466,7 +625,7 @@ def _write_dump(path: Path, pages: list) -> Path:
 
 def test_wikipedia_build_on_a_small_dump(home, tmp_path, monkeypatch):
     titles = [f"Article number {i}" for i in range(30)]
-    held_out = [t for t in titles if embedded.is_evaluation(t)]
+    held_out = [t for t in titles if wikipedia.is_evaluation(t)]
     assert held_out and len(held_out) < len(titles)  # the rule sends some to each part
     pages = [(t, 0, False, f"'''{t}''' is about [[topic {i}|things]].{{{{cite|x}}}}\n\n== Part ==\nBody of {t}.")
              for i, t in enumerate(titles)]
@@ -475,11 +634,11 @@ def test_wikipedia_build_on_a_small_dump(home, tmp_path, monkeypatch):
               ("Wikipedia:Policy", 4, False, "Project page text that must not appear."),
               ("Empty", 0, False, "{{only a template}}")]
     dump = _write_dump(tmp_path / "dump.xml.bz2", pages)
-    monkeypatch.setattr(embedded, "fetch", lambda pf: dump)
+    monkeypatch.setattr(wikipedia, "fetch", lambda pf: dump)
 
-    calibration, evaluation = embedded.wikipedia_texts()
+    calibration, evaluation = wikipedia.wikipedia_texts()
     info = json.loads((home / "data" / "wikipedia" / "articles.json").read_text())
-    assert info["split_rule"] == embedded.SPLIT_RULE
+    assert info["split_rule"] == wikipedia.SPLIT_RULE
     assert info["skipped_pages"] == {"redirect": 2, "namespace": 1, "empty": 1}
     parts = {a["title"]: a["part"] for a in info["articles"]}
     assert sorted(parts) == sorted(titles)
@@ -496,8 +655,8 @@ def test_wikipedia_build_on_a_small_dump(home, tmp_path, monkeypatch):
 def test_split_rule_is_the_documented_hash():
     for title in ["Anarchism", "Autism", "A", "Algeria", "Abraham Lincoln"]:
         want = int(hashlib.sha256(title.encode("utf-8")).hexdigest(), 16) % 5 == 0
-        assert embedded.is_evaluation(title) == want
-    assert embedded.is_evaluation("A") and not embedded.is_evaluation("Anarchism")
+        assert wikipedia.is_evaluation(title) == want
+    assert wikipedia.is_evaluation("A") and not wikipedia.is_evaluation("Anarchism")
 
 
 # ----------------------------------------------------------------------------- real assets (slow)
@@ -517,7 +676,7 @@ def _articles(folder: Path, text: str, part: str, info: dict) -> dict:
 @pytest.fixture(scope="module")
 def wiki():
     folder = assets.ensure("wikipedia")
-    calibration, evaluation = embedded.wikipedia_texts()
+    calibration, evaluation = wikipedia.wikipedia_texts()
     info = json.loads((folder / "articles.json").read_text(encoding="utf-8"))
     return folder, calibration, evaluation, info
 
@@ -534,12 +693,12 @@ def test_wikipedia_has_no_markup_residue(wiki):
 @pytest.mark.slow
 def test_wikipedia_split_is_disjoint_and_large(wiki):
     folder, calibration, evaluation, info = wiki
-    assert info["source"]["sha256"] == embedded.WIKIPEDIA_DUMP.sha256
-    assert info["split_rule"] == embedded.SPLIT_RULE
+    assert info["source"]["sha256"] == wikipedia.WIKIPEDIA_DUMP.sha256
+    assert info["split_rule"] == wikipedia.SPLIT_RULE
     titles = [a["title"] for a in info["articles"]]
     assert len(titles) == len(set(titles)) > 100
     for a in info["articles"]:
-        assert a["part"] == ("evaluation" if embedded.is_evaluation(a["title"]) else "calibration")
+        assert a["part"] == ("evaluation" if wikipedia.is_evaluation(a["title"]) else "calibration")
     cal = _articles(folder, calibration, "calibration", info)
     ev = _articles(folder, evaluation, "evaluation", info)
     assert cal and ev and not set(cal) & set(ev)
@@ -609,10 +768,10 @@ SENTENCE = (
 def test_converted_model_matches_the_gguf(tmp_path):
     folder = assets.ensure("smollm2-135m")
     manifest = json.loads((folder / MANIFEST).read_text())
-    assert manifest["source"]["sha256"] == embedded.SMOLLM2_GGUF.sha256
+    assert manifest["source"]["sha256"] == models.SMOLLM2_GGUF.sha256
     assert "model.safetensors" in manifest["files"] and "tokenizer.json" in manifest["files"]
-    gguf = embedded.smollm2_gguf()
-    assert assets.sha256_file(gguf) == embedded.SMOLLM2_GGUF.sha256
+    gguf = models.smollm2_gguf()
+    assert cache.sha256_file(gguf) == models.SMOLLM2_GGUF.sha256
     # offline, with an empty hub cache: the folder must load by itself
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run([sys.executable, "-c", _COMPARE, str(folder), str(gguf), SENTENCE],

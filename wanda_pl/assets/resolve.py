@@ -1,11 +1,16 @@
-"""Resolving user-given names: embedded assets, local paths, or Hugging Face hub ids."""
+"""Resolving user-given names: embedded assets, local paths, or Hugging Face hub ids.
+
+One rule for every option that takes a model or a data set, so that an offline run fails
+with the same advice (a local path, or one of the embedded names) wherever it fails.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-EMBEDDED_MODELS = ("smollm2-135m",)
-EMBEDDED_TEXT = ("wikipedia",)
+from .registry import EMBEDDED_MODELS, EMBEDDED_TEXT, ensure
+
+__all__ = ["EMBEDDED_MODELS", "EMBEDDED_TEXT", "offline", "looks_like_path", "hub_error", "resolve_model"]
 
 
 def offline() -> bool:
@@ -28,8 +33,6 @@ def hub_error(what: str, name: str, err: Exception, embedded) -> ValueError:
 def resolve_model(name_or_path: str) -> str:
     """An embedded model name -> its cached folder; a local path -> checked; else a hub id (unchanged)."""
     if name_or_path in EMBEDDED_MODELS:
-        from .data.assets import ensure
-
         return str(ensure(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.exists():
