@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:  # cli.py lives at the repository root
 
 import wanda_pl.commands.prune as commands  # noqa: E402
 from cli import main  # noqa: E402
-from wanda_pl.hub import EMBEDDED_MODELS  # noqa: E402
+from wanda_pl.assets.resolve import EMBEDDED_MODELS  # noqa: E402
 
 SEQLEN, NSAMPLES, WINDOWS = 32, 4, 4
 
@@ -44,13 +44,13 @@ from conftest import plain_argv, run_cli  # noqa: E402,F401  (shared in-process 
 @pytest.fixture
 def count_validations(monkeypatch):
     calls = []
-    real = commands._validate
+    real = commands.evaluate
 
-    def spy(trainer, model, datamodule):
+    def spy(trainer, model, datamodule, zero_shot=None):
         calls.append(1)
-        return real(trainer, model, datamodule)
+        return real(trainer, model, datamodule, zero_shot)
 
-    monkeypatch.setattr(commands, "_validate", spy)
+    monkeypatch.setattr(commands, "evaluate", spy)
     return calls
 
 
@@ -138,15 +138,15 @@ class Boom(RuntimeError):
 
 def test_error_midway_leaves_no_partial_output(tiny_dirs, text_file, tmp_path, monkeypatch):
     calls = []
-    real = commands._validate
+    real = commands.evaluate
 
-    def validate_then_fail(trainer, model, datamodule):
+    def validate_then_fail(trainer, model, datamodule, zero_shot=None):
         calls.append(1)
         if len(calls) == 2:  # after the dense validation, while pruning + validating
             raise Boom("injected failure after dense validation")
-        return real(trainer, model, datamodule)
+        return real(trainer, model, datamodule, zero_shot)
 
-    monkeypatch.setattr(commands, "_validate", validate_then_fail)
+    monkeypatch.setattr(commands, "evaluate", validate_then_fail)
     parent = tmp_path / "runs"
     error, _ = run_cli(base_args(tiny_dirs["llama"], text_file, parent / "out"))
     assert error is not None and "injected failure" in error

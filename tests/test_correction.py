@@ -9,7 +9,7 @@ import torch.nn as nn
 from wanda_pl.core import correction
 from wanda_pl.core.engine import prune_sequential
 from wanda_pl.core.hooks import BlockInput
-from wanda_pl.methods import PruneOptions, get_method
+from wanda_pl.methods import get_method
 from wanda_pl.core.sparsity import SparsitySpec
 from wanda_pl.core.stats import LayerStats
 from wanda_pl.core.layers import flatten_inputs
@@ -47,7 +47,7 @@ def _prune(model, xs, method, ratio=0.5, bias_correction=True, propagate=True):
         n: m for n, m in block.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1
     }
     return prune_sequential([("all", model)], _inputs(xs), targets_fn, get_method(method), SparsitySpec.parse("unstructured", ratio),
-                            PruneOptions(bias_correction=bias_correction), propagate=propagate, progress=False)
+                            None, bias_correction=bias_correction, propagate=propagate, progress=False)
 
 
 class _MLP(nn.Module):

@@ -20,7 +20,8 @@ if str(ROOT) not in sys.path:  # cli.py lives at the repository root
 from wanda_pl.training import lora  # noqa: E402
 from wanda_pl.callbacks import Calibration, Pruning  # noqa: E402
 from wanda_pl.data.text_module import TextDataModule  # noqa: E402
-from wanda_pl.modules.causal_lm import CausalLM, window_nll  # noqa: E402
+from wanda_pl.eval.perplexity import window_nll  # noqa: E402
+from wanda_pl.modules.causal_lm import CausalLM  # noqa: E402
 from wanda_pl.commands.report import overall_sparsity  # noqa: E402
 
 SEQLEN, NSAMPLES = 32, 8
@@ -149,7 +150,7 @@ def test_checkpoint_and_resume_restore_the_masks(tiny_dirs, text_file, tmp_path)
     t2 = trainer(resumed, max_steps=6)
     t2.fit(resumed_module, datamodule=datamodule(text_file), ckpt_path=str(ckpt))
     assert t2.global_step == 6 and resumed.masks_source.startswith("checkpoint (pruned with {'method': 'wanda'")
-    assert resumed.result is None  # not pruned again
+    assert resumed.outcome is None  # not pruned again
     assert resumed.masks.keys() == pruning.masks.keys()
     for name in pruning.masks:
         assert torch.equal(resumed.masks[name], pruning.masks[name]), name
@@ -379,7 +380,7 @@ def test_ddp_two_processes_keep_the_masks(tiny_dirs, text_file, tmp_path, mode):
 def test_sharded_strategies_are_refused_clearly():
     """Masks are kept on named weights (or their DTensor shards: tests/test_fsdp.py); FSDP1 shards hold
     flat pieces of several weights (Lightning 2.6 refuses FSDP1 on CPU, so only this guard is testable here)."""
-    from wanda_pl.callbacks.pruning import _check_strategy
+    from wanda_pl.training.masks import check_strategy
 
     class FSDPStrategy:  # the class name is what the guard reads
         pass
@@ -388,4 +389,4 @@ def test_sharded_strategies_are_refused_clearly():
         strategy = FSDPStrategy()
 
     with pytest.raises(NotImplementedError, match="FSDPStrategy shards them"):
-        _check_strategy(Stub())
+        check_strategy(Stub())

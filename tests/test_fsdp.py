@@ -122,7 +122,7 @@ def uneven_llama(tmp_path, tokenizer):
 
 @torch.no_grad()
 def _nll(module, dm) -> float:
-    from wanda_pl.modules.causal_lm import window_nll
+    from wanda_pl.eval.perplexity import window_nll
 
     module.eval()
     ids = dm.calibration_ids()
@@ -190,16 +190,16 @@ def test_fsdp2_two_processes_keep_the_masks(uneven_llama, text_file, tmp_path):
 
 
 def test_fsdp1_and_deepspeed_refused_pointing_to_model_parallel():
-    from wanda_pl.callbacks.pruning import _check_strategy
+    from wanda_pl.training.masks import check_strategy
 
     def stub(name):
         return type("Stub", (), {"strategy": type(name, (), {})()})()
 
     for name in ("FSDPStrategy", "DeepSpeedStrategy"):
         with pytest.raises(NotImplementedError, match=f"{name} shards them.*ModelParallelStrategy"):
-            _check_strategy(stub(name))
+            check_strategy(stub(name))
     for name in ("ModelParallelStrategy", "DDPStrategy", "SingleDeviceStrategy"):
-        _check_strategy(stub(name))
+        check_strategy(stub(name))
 
 
 def test_lightning_runs_fsdp1_on_gpus_only():

@@ -4,7 +4,8 @@ import logging
 import pytest
 import torch
 
-from wanda_pl.methods import PruneOptions, get_method
+from wanda_pl.methods import get_method
+from wanda_pl.methods.base import SolverOptions
 from wanda_pl.methods.sparsegpt import sparsegpt_prune
 from wanda_pl.core.sparsity import SparsitySpec, nm_mask, select_mask
 from wanda_pl.core.stats import LayerStats
@@ -252,7 +253,7 @@ def test_seq_ablations_keep_their_mask(name, gran, nm):
     spec = SparsitySpec.parse(nm, 0.5 if nm == "unstructured" else None)
     method = get_method(name)
     assert method.needs_hessian
-    mask, W2 = method(W.clone(), st, spec, PruneOptions())
+    mask, W2 = method(W.clone(), st, spec)
     score = W.abs() if name == "ablate_mag_seq" else W.abs() * st.scaler_row.sqrt()
     want = select_mask(score, spec, gran)
     assert torch.equal(mask, want)
@@ -268,7 +269,7 @@ def test_iter_ablations_give_requested_sparsity(name, nm):
     W, X = correlated_layer(15)
     st = stats_of(X)
     spec = SparsitySpec.parse(nm, 0.5 if nm == "unstructured" else None)
-    opts = PruneOptions(blocksize=16)
+    opts = SolverOptions(blocksize=16)
     mask, W2 = get_method(name)(W.clone(), st, spec, opts)
     assert torch.isfinite(W2).all()
     assert torch.equal(W2 == 0, mask)
@@ -309,8 +310,8 @@ def test_registered_sparsegpt_uses_stats_and_options():
     spec = SparsitySpec(0.5)
     m = get_method("sparsegpt")
     assert m.needs_hessian and m.needs_activations
-    mask, W2 = m(W.clone(), st, spec, PruneOptions(blocksize=32, percdamp=0.05))
+    mask, W2 = m(W.clone(), st, spec, SolverOptions(blocksize=32, percdamp=0.05))
     want_mask, want = sparsegpt_prune(W, st.hessian, spec, blocksize=32, percdamp=0.05)
     assert torch.equal(mask, want_mask) and torch.equal(W2, want)
     with pytest.raises(ValueError, match="statistics"):
-        m(W, None, spec, PruneOptions())
+        m(W, None, spec)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from wanda_pl.methods import PruneOptions, get_method
+from wanda_pl.methods import get_method
 from wanda_pl.core.sparsity import SparsitySpec, layer_mask, nm_mask, row_mask, select_mask, variant_mask
 from wanda_pl.core.stats import LayerStats
 
@@ -230,7 +230,7 @@ def test_variant_rows_differ():
 def _wanda_mask(w, x, nsamples, spec, variant=False):
     st = LayerStats(w.shape[1])
     st.update(x, nsamples)
-    mask, new_w = get_method("wanda")(w, st, spec, PruneOptions(use_variant=variant))
+    mask, new_w = get_method("wanda")(w, st, spec, get_method("wanda").make_options(use_variant=variant))
     assert new_w is None
     return mask
 
@@ -260,12 +260,12 @@ def test_wanda_score_matches_formula():
     for s in range(3):
         st.update(x[s], 1)
     score = w.abs() * torch.sqrt((x ** 2).sum(dim=(0, 1)) / 3)
-    mask = get_method("wanda")(w, st, SparsitySpec(0.5), PruneOptions())[0]
+    mask = get_method("wanda")(w, st, SparsitySpec(0.5))[0]
     assert torch.equal(mask, slow_row_mask(score, 0.5))
     # magnitude defaults to one threshold per layer
-    mag = get_method("magnitude")(w, None, SparsitySpec(0.5), PruneOptions())[0]
+    mag = get_method("magnitude")(w, None, SparsitySpec(0.5))[0]
     assert torch.equal(mag, slow_layer_mask(w.abs(), 0.5))
-    mag_row = get_method("magnitude")(w, None, SparsitySpec(0.5), PruneOptions(granularity="row"))[0]
+    mag_row = get_method("magnitude")(w, None, SparsitySpec(0.5), get_method("magnitude").make_options(granularity="row"))[0]
     assert torch.equal(mag_row, slow_row_mask(w.abs(), 0.5))
 
 

@@ -13,20 +13,38 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from ..core import correction
-from ..core.engine import PruneResult, check_targets, needs_activations, prune_sequential
-from ..methods import PruneOptions, get_method
+from ..core.engine import check_targets, needs_activations, prune_sequential
+from ..core.plan import uniform
+from ..core.sparsity import SparsitySpec
+from ..methods import check_knobs, get_method
+from ..training.masks import check_strategy, masks_from
 from ..training.sharding import full, is_dtensor, is_sharded, local, local_mask
-from ..core.sparsity import GRANULARITIES, SparsitySpec
 from .calibration import Calibration
+from .lookup import find_callback
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneOutcome:
+    """What one pruning produced: the masks, the sparsity each layer was given, and the times."""
+
+    masks: Dict[str, torch.Tensor]
+    plan: Dict[str, SparsitySpec]
+    calibration_data_s: float = 0.0  # getting the calibration inputs
+    forward_s: float = 0.0  # calibration forwards (pass 1 and 2)
+    method_s: float = 0.0  # mask + weight-update computation only (how the paper timed methods)
+    total_s: float = 0.0  # from the calibration data to the last block
+    extra: Dict[str, float] = field(default_factory=dict)
 
 
 class Pruning(Callback):
@@ -65,16 +83,13 @@ class Pruning(Callback):
     ) -> None:
         self.spec = SparsitySpec.parse(sparsity_type, sparsity_ratio)
         self.method = get_method(method)
-        if granularity is not None and granularity not in GRANULARITIES:
-            raise ValueError(f"pruning.granularity must be one of {GRANULARITIES} or unset, got {granularity!r}")
-        if use_variant and (self.spec.structured or not self.method.supports_variant):
+        if use_variant and (self.spec.structured or "use_variant" not in self.method.option_names):
             raise ValueError(f"pruning.use_variant needs unstructured sparsity and a method that has it (wanda), "
                              f"got method={method!r}, sparsity_type={self.spec.type!r}")
-        if blocksize < 1:
-            raise ValueError(f"pruning.blocksize must be >= 1, got {blocksize}")
-        if not 0 <= percdamp:
-            raise ValueError(f"pruning.percdamp must be >= 0, got {percdamp}")
-        self.options = PruneOptions(granularity, use_variant, blocksize, percdamp, bias_correction)
+        self.knobs = dict(granularity=granularity, use_variant=use_variant, blocksize=blocksize, percdamp=percdamp)
+        check_knobs(**self.knobs)  # every knob, whether or not this method reads it: a typo must not wait
+        self.options = self.method.make_options(**self.knobs)
+        self.bias_correction = bias_correction
         if masks_from is not None and masks_from != "zeros":
             path = Path(masks_from)
             if not (path / "masks.pt" if path.is_dir() else path).is_file():
@@ -88,69 +103,75 @@ class Pruning(Callback):
         self._live: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._handles: list = []
         self.masks: Dict[str, torch.Tensor] = {}
-        self.result: Optional[PruneResult] = None
-        self.times: Dict[str, float] = {}
+        self.outcome: Optional[PruneOutcome] = None  # set by prune(), read by the commands
 
     def describe(self) -> dict:
+        """The report's ``method`` section."""
+        hessian = {k: self.knobs[k] for k in ("blocksize", "percdamp")} if self.method.needs_hessian else {}
         return {
             "method": self.method.name, "sparsity_type": self.spec.type, "sparsity_ratio": self.spec.ratio,
-            "use_variant": self.options.use_variant, "bias_correction": self.options.bias_correction,
-            "granularity": self.options.granularity or self.method.default_granularity,
-            **({"blocksize": self.options.blocksize, "percdamp": self.options.percdamp} if self.method.needs_hessian else {}),
+            "use_variant": self.knobs["use_variant"], "bias_correction": self.bias_correction,
+            "granularity": self.knobs["granularity"] or self.method.default_granularity,
+            **hessian,
             **({"masks_from": self.masks_from} if self.masks_from is not None else {}),
         }
+
+    def plan(self, targets: Dict[str, torch.nn.Module]) -> Dict[str, SparsitySpec]:
+        """The sparsity of every target: ``sparsity_ratio`` / ``sparsity_type`` for all of them."""
+        return uniform(self.spec, targets)
 
     def check(self, pl_module) -> None:
         """Fail early when a layer cannot take the sparsity (e.g. M does not divide its width), or the
         bias correction has nowhere to go."""
         targets = pl_module.all_targets()
-        check_targets(targets, self.spec)
-        if self.options.bias_correction:
+        check_targets(targets, self.plan(targets))
+        if self.bias_correction:
             correction.check_possible(targets, [pl_module])
 
     @property
     def needs_activations(self) -> bool:
-        return needs_activations(self.method, self.options)
+        return needs_activations(self.method, self.bias_correction)
 
     # --- computing masks ---
-    def prune(self, trainer, pl_module) -> None:
-        calib = next((c for c in trainer.callbacks if isinstance(c, Calibration)), None) or Calibration()
+    @contextmanager
+    def armed(self) -> Iterator["Pruning"]:
+        """Prune at the start of the next validation run inside this block (``prune`` does so after
+        the dense baseline): the masks are computed where Lightning put the model, on every rank."""
+        was, self.enabled = self.enabled, True
+        try:
+            yield self
+        finally:
+            self.enabled = was
+
+    def prune(self, trainer, pl_module) -> PruneOutcome:
+        """Calibrate and prune ``pl_module`` block by block with the one engine; masks applied."""
+        calib = find_callback(trainer, Calibration) or Calibration()
         t0 = time.perf_counter()
         data = calib.calibration_data(trainer, pl_module) if self.needs_activations else None
         t1 = time.perf_counter()
-        blocks, inputs = pl_module.prunable_blocks(data, calib.device_for(pl_module))
+        store = calib.device_for(pl_module)
+        blocks, inputs = pl_module.prunable_blocks(data, store)
+        targets = pl_module.all_targets()
         result = prune_sequential(
-            blocks, inputs, pl_module.block_targets, self.method, self.spec, self.options,
-            propagate=calib.propagate, store_device=calib.device_for(pl_module),
+            blocks, inputs, pl_module.block_targets, self.method, self.plan(targets), self.options,
+            bias_correction=self.bias_correction, propagate=calib.propagate, store_device=store,
             progress=trainer.is_global_zero,
         )
-        self.result, self.masks = result, result.masks
-        self.masks_source = "pruned"
-        self.times = {"calibration_data": t1 - t0, "prune": time.perf_counter() - t1,
-                      "prune_metric": result.time_metric_s, "prune_forward": result.time_forward_s}
+        self.masks, self.masks_source = result.masks, "pruned"
+        self.outcome = PruneOutcome(result.masks, result.plan, t1 - t0, result.time_forward_s, result.time_metric_s,
+                                    time.perf_counter() - t1)
+        return self.outcome
 
     @property
     def wants_masks(self) -> bool:
         return self.enabled or self.masks_from is not None
-
-    def load_masks(self, pl_module) -> Dict[str, torch.Tensor]:
-        """The masks of ``masks_from``: the zeros of the targets, or a mask file checked against them."""
-        targets = pl_module.all_targets()
-        if self.masks_from == "zeros":
-            masks = {name: (full(m.weight.detach()) == 0).cpu() for name, m in targets.items()}
-            if not any(bool(m.any()) for m in masks.values()):
-                log.warning("pruning.masks_from=zeros: the model has no zero weight in its targets (is it dense?)")
-            return masks
-        from ..training.lora import load_masks
-
-        return load_masks(self.masks_from, {name: m.weight for name, m in targets.items()})
 
     def obtain_masks(self, trainer, pl_module) -> bool:
         """Masks when there are none yet: loaded (``masks_from``) or computed (``enabled``). True if new."""
         if self.masks:
             return False
         if self.masks_from is not None:
-            self.masks = self.load_masks(pl_module)
+            self.masks = masks_from(self.masks_from, pl_module.all_targets())
             self.masks_source = f"masks_from:{self.masks_from}"
         elif self.enabled:
             if is_sharded(pl_module.model):
@@ -174,7 +195,7 @@ class Pruning(Callback):
         strategy restores after its setup), ``masks_from`` or pruning now; applied, given to the module
         (masked LoRA), and kept through every optimizer step."""
         if self.wants_masks or self.masks:
-            _check_strategy(trainer)  # early; _start checks again, masks restored from a checkpoint included
+            check_strategy(trainer)  # early; _start checks again, masks restored from a checkpoint included
         if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
             # ModelParallelStrategy (and the other sharded ones) restore the checkpoint, this callback's
             # masks and the weights included, only after on_fit_start: start once it is in place.
@@ -190,14 +211,12 @@ class Pruning(Callback):
             self.obtain_masks(trainer, pl_module)
         if not self.masks:
             return
-        _check_strategy(trainer)
+        check_strategy(trainer)
         # Masks made under a validation's inference mode cannot enter autograd (the masked LoRA update).
         self.masks = {k: v.clone() if v.is_inference() else v for k, v in self.masks.items()}
         self.apply(pl_module)
         self._freeze_zeros(pl_module)
-        share = getattr(pl_module, "set_masks", None)
-        if share is not None:
-            share(self.masks)
+        pl_module.set_masks(self.masks)
         self.start_sparsity = _sparsity(pl_module)
         self._remove_hooks()
         self._live = [(w, m, local_mask(m, w)) for w, m in self._params(pl_module) if w.requires_grad]
@@ -239,8 +258,10 @@ class Pruning(Callback):
 
     @torch.no_grad()
     def apply(self, pl_module) -> None:
+        """Zero every masked weight and tell the module which masks it now carries."""
         for weight, mask in self._params(pl_module):
             local(weight).masked_fill_(local_mask(mask, weight), 0)
+        pl_module.set_masks(self.masks)
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -270,19 +291,4 @@ def _sparsity(pl_module) -> Optional[float]:
     """Zeros over all prunable weights; sharded weights are counted over all ranks (a collective)."""
     from ..commands.report import overall_sparsity
 
-    return overall_sparsity(pl_module.all_targets()) if hasattr(pl_module, "all_targets") else None
-
-
-def _check_strategy(trainer) -> None:
-    """The masks are edited by layer name on whole weights, or on DTensor shards cut as the weights
-    are (ModelParallelStrategy / FSDP2); FSDP1 and DeepSpeed hold flat shards mixing several weights."""
-    name = type(trainer.strategy).__name__
-    if name in ("FSDPStrategy", "DeepSpeedStrategy"):
-        raise NotImplementedError(
-            f"the Pruning callback keeps masks on named weights; {name} shards them into flat pieces of "
-            f"several weights that it cannot address. To shard a pruned model, use Lightning's "
-            f"ModelParallelStrategy (FSDP2: fully_shard in the LightningModule's configure_model; e.g. "
-            f"--trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy "
-            f"--trainer.strategy.data_parallel_size <devices> --trainer.strategy.tensor_parallel_size 1), "
-            f"or fine-tune with ddp or on one device"
-        )
+    return overall_sparsity(pl_module.all_targets())

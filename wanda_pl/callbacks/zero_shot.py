@@ -1,8 +1,9 @@
 """Zero-shot Callback: lm-eval accuracy of the in-memory model at the end of each validation.
 
-Runs after perplexity, on every rank (requests are split between ranks and gathered), and
-puts the result into ``pl_module.last_metrics["zero_shot"]`` so ``prune`` can report dense
-vs pruned. Off unless ``enabled``: seven tasks take a while on a CPU (use ``limit``)."""
+Runs on every rank (requests are split between ranks and gathered) and keeps the result of the
+last validation as its own ``result``, which the commands read beside the module's metrics
+(``prune`` reports dense vs pruned). Off unless ``enabled``: seven tasks take a while on a CPU
+(use ``limit``)."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -40,6 +41,10 @@ class ZeroShot(Callback):
         self.enabled = enabled
         self.tasks = list(tasks) if tasks else list(PAPER_TASKS)
         self.limit, self.batch_size, self.num_fewshot, self.source = limit, batch_size, num_fewshot, source
+        self.result: Optional[dict] = None  # of the last validation run (None: not run)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.result = None
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self.enabled or trainer.sanity_checking:
@@ -50,5 +55,5 @@ class ZeroShot(Callback):
             pl_module.model, pl_module.tokenizer, self.tasks, self.source, self.limit, self.batch_size,
             self.num_fewshot, rank=trainer.global_rank, world_size=trainer.world_size,
         )
-        pl_module.last_metrics["zero_shot"] = result
+        self.result = result
         pl_module.log("zero_shot_mean_acc", float(result["mean_acc"]), rank_zero_only=False, sync_dist=False)

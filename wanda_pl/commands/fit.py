@@ -13,22 +13,22 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ..callbacks import Pruning
-from .outputs import check_output_dir, run_inputs, staged_dir
-from .report import layer_sparsity, overall_sparsity, peak_memory, versions, write_json
+from ..callbacks import Pruning, ZeroShot
+from ..callbacks.lookup import find_callback
+from ..modules.protocol import require
+from ..training import lora
+from ..training.masks import MASKS_FILE, save_masks
+from ..training.sharding import full_state_dict
+from .common import environment, evaluate, lightning_writes, staged_output
+from .outputs import check_output_dir, run_inputs
+from .report import assemble, layer_sparsity, overall_sparsity, write_json
 
 log = logging.getLogger(__name__)
-
-
-def _validate(trainer, model, datamodule) -> Dict[str, Any]:
-    trainer.validate(model, datamodule=datamodule, verbose=False)
-    return dict(model.last_metrics)
 
 
 @torch.no_grad()
@@ -63,96 +63,91 @@ def fit_and_report(
     if trainer.limit_val_batches == 0:
         raise ValueError("trainer.limit_val_batches=0 turns off the validation before and after fine-tuning; "
                          "to skip validating while fitting, set trainer.check_val_every_n_epoch high instead")
-    pruning = next((c for c in trainer.callbacks if isinstance(c, Pruning)), None)
-    inputs = run_inputs(config, model=getattr(model, "path", None), ckpt_path=ckpt_path,
+    model = require(model)
+    pruning = find_callback(trainer, Pruning)
+    zero_shot = find_callback(trainer, ZeroShot)
+    inputs = run_inputs(config, model=model.path, ckpt_path=ckpt_path,
                         masks_from=pruning.masks_from if pruning is not None else None)
-    writes = {"trainer.default_root_dir": trainer.default_root_dir}
+    writes = lightning_writes(trainer)
     check_output_dir(output_dir, inputs, writes)  # on every rank, before any work
-    if hasattr(datamodule, "prepare_for"):
-        datamodule.prepare_for(model)
+    datamodule.prepare_for(model)
     if pruning is not None and pruning.enabled and pruning.masks_from is None:
         pruning.check(model)
-    is_lora = bool(getattr(model, "is_lora", False))
 
-    stage_ctx = staged_dir(output_dir, inputs, "fit", writes) if trainer.is_global_zero else nullcontext()
-    with stage_ctx as stage:
-        # Before: on a resumed run the starting point is gone (the checkpoint holds trained weights).
-        t0 = time.perf_counter()
-        before = _validate(trainer, model, datamodule) if validate_before and ckpt_path is None else None
-        t_before = time.perf_counter() - t0
+    with staged_output(trainer, output_dir, inputs, "fit", writes) as stage:
+        # 1. Before: on a resumed run the starting point is gone (the checkpoint holds trained weights).
+        before = evaluate(trainer, model, datamodule, zero_shot) if validate_before and ckpt_path is None else None
         sparsity_measured = overall_sparsity(model.all_targets())
-
+        # 2. Fine-tune, every mask kept by the Pruning callback.
         t0 = time.perf_counter()
         fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         t_fit = time.perf_counter() - t0
         if trainer.interrupted:
             raise RuntimeError("fitting was interrupted; nothing written")
-
         masks = pruning.masks if pruning is not None else {}
         sparsity_before = pruning.start_sparsity if pruning is not None and pruning.start_sparsity is not None \
             else sparsity_measured
-        mode = model.finetune_describe() if hasattr(model, "finetune_describe") else {}  # before merging
+        mode = model.finetune_describe()  # before merging
+        # 3. LoRA: save the adapters as trained, then merge them (masked) into the weights.
         merge: Dict[str, Any] = {}
-        if is_lora:
+        if lora.lora_layers(model.model):
             unmerged = _probe_output(model, datamodule)
             if trainer.is_global_zero:
-                extra = {"load_with": "wanda_pl.training.lora.load_adapter(base_model, folder): applies masks.pt to the base too"}
+                extra = {"base_model": model.path,
+                         "load_with": "wanda_pl.training.lora.load_adapter(base_model, folder): applies masks.pt to the base too"}
                 if pruning is not None and pruning.masks_source == "pruned" and pruning.method.needs_hessian:
                     # The solver changed the kept weights: the base is not the input model + masks.
                     model.save(stage / "adapter" / "base")
                     extra["base_model"] = "base"
-                model.save_adapter(stage / "adapter", extra)
-            merge["merged_layers"] = model.merge_lora()
+                lora.save_adapter(model.model, stage / "adapter", masks, extra)
+            merge["merged_layers"] = len(lora.merge(model.model))
             merged = _probe_output(model, datamodule)
             if unmerged is not None:
                 merge["merged_vs_unmerged_max_abs_diff"] = float((merged - unmerged).abs().max())
-
-        t0 = time.perf_counter()
-        after = _validate(trainer, model, datamodule)
-        t_after = time.perf_counter() - t0
-
+        # 4. After.
+        after = evaluate(trainer, model, datamodule, zero_shot)
+        # 5. The report.
         targets = model.all_targets()
-        from ..training.lora import masked_nonzero
-
-        losses = [float(x) for x in getattr(model, "train_losses", [])]
-        report = {
-            **model.describe(),
-            **(pruning.describe() if pruning is not None else {}),
-            **datamodule.describe(),
-            **mode,
-            "masks": {"layers": len(masks), "source": pruning.masks_source if pruning is not None else None,
-                      "nonzero_at_pruned_positions": masked_nonzero(model.model, masks) if masks else 0},
-            "sparsity_before": sparsity_before,
-            "sparsity_after": overall_sparsity(targets),
-            "metrics_before": before,
-            "metrics_after": after,
-            **merge,
-            "resumed_from": ckpt_path,
-            "steps": trainer.global_step,
-            "epochs": trainer.current_epoch,
-            "train_loss": {"first": losses[0], "last": losses[-1], "steps_this_run": len(losses)} if losses else None,
-            "time_s": {"validate_before": round(t_before, 3), "fit": round(t_fit, 3), "validate_after": round(t_after, 3),
-                       "total": round(time.perf_counter() - t_start, 3)},
-            "peak_memory_mb": peak_memory(),
-            "devices": trainer.world_size,
-            "strategy": type(trainer.strategy).__name__,
-            "versions": versions(),
-            "layers": layer_sparsity(targets),
-            "config": config,
-        }
-        from ..training.sharding import full_state_dict
-
+        losses = [float(x) for x in model.train_losses]
+        report = assemble(
+            model=model.describe(),
+            method=pruning.describe() if pruning is not None else {},
+            data=datamodule.describe(),
+            training={
+                **mode,
+                "masks": {"layers": len(masks), "source": pruning.masks_source if pruning is not None else None,
+                          "nonzero_at_pruned_positions": lora.masked_nonzero(model.model, masks) if masks else 0},
+                **merge,
+                "resumed_from": ckpt_path,
+                "steps": trainer.global_step,
+                "epochs": trainer.current_epoch,
+                "train_loss": {"first": losses[0], "last": losses[-1], "steps_this_run": len(losses)} if losses else None,
+                "strategy": type(trainer.strategy).__name__,
+            },
+            results={
+                "sparsity_before": sparsity_before,
+                "sparsity_after": overall_sparsity(targets),
+                "metrics_before": None if before is None else before.as_dict(),
+                "metrics_after": after.as_dict(),
+            },
+            timing={"time_s": {"validate_before": round(0.0 if before is None else before.seconds, 3),
+                               "fit": round(t_fit, 3), "validate_after": round(after.seconds, 3),
+                               "total": round(time.perf_counter() - t_start, 3)}},
+            environment=environment(trainer),
+            layers={"layers": layer_sparsity(targets)},
+            config={"config": config},
+        )
         whole = full_state_dict(model.model) if save_model else None  # sharded: gathered by every rank
         if trainer.is_global_zero:
             if save_model:
                 model.save(stage / "model", **({"state_dict": whole} if whole is not None else {}))
             if masks:
-                torch.save(masks, stage / "masks.pt")
+                save_masks(masks, stage / MASKS_FILE)
             write_json(stage / "report.json", report)
-            b = "n/a" if before is None else _fmt(before)
+            b = "n/a" if before is None else _fmt(before.metrics)
             print(f"{report.get('model')}: fine-tuned ({report.get('finetune', 'full')}) {report['steps']} steps; "
                   f"sparsity before {sparsity_before:.4f}, after {report['sparsity_after']:.4f}; "
-                  f"metrics before {b}, after {_fmt(after)}")
+                  f"metrics before {b}, after {_fmt(after.metrics)}")
     if trainer.is_global_zero:
         print(f"report: {Path(output_dir) / 'report.json'}")
     return report

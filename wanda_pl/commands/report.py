@@ -8,7 +8,7 @@ import resource
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Mapping
+from typing import Any, Dict, Mapping
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,24 @@ def overall_sparsity(targets: Mapping[str, nn.Module]) -> float:
     zeros = sum(count_zeros(m.weight) for m in targets.values())
     total = sum(m.weight.numel() for m in targets.values())
     return zeros / max(total, 1)
+
+
+def assemble(**sections: Mapping[str, Any]) -> Dict[str, Any]:
+    """One flat report from named sections (``model``, ``method``, ``data``, ``results``, ...), in
+    that order; a key in two sections is an error, not a silent overwrite. ``sections`` lists
+    which keys came from which section."""
+    report: Dict[str, Any] = {}
+    owner: Dict[str, str] = {}
+    for name, section in sections.items():
+        for key, value in section.items():
+            if key in owner:
+                raise ValueError(f"report key {key!r} is in both the {owner[key]!r} and the {name!r} sections")
+            owner[key] = name
+            report[key] = value
+    if "sections" in owner:
+        raise ValueError(f"report key 'sections' is reserved (found in the {owner['sections']!r} section)")
+    report["sections"] = {name: list(section) for name, section in sections.items()}
+    return report
 
 
 def versions() -> Dict[str, str]:

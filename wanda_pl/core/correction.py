@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .hooks import removing
+
 
 def output_shift(old_weight: torch.Tensor, new_weight: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """``E[W x] - E[W' x]`` per output for (out, in) weights and the mean input ``mean``."""
@@ -78,10 +80,9 @@ def find_sinks(scope: nn.Module, targets: Dict[str, nn.Module]) -> Iterator[Dict
         if _is_sink_norm(module):
             handles.append(module.register_forward_pre_hook(match))
     try:
-        yield sinks
+        with removing(handles):
+            yield sinks
     finally:
-        for h in handles:
-            h.remove()
         last_output.clear()
 
 

@@ -7,8 +7,10 @@ block (pass 2) so the next block calibrates on the activations it will really se
 reference's behaviour); a method that needs no activations (magnitude) runs no forward
 pass at all. Activations live on ``store_device`` (CPU by default) between blocks, while
 each block runs on its own device, so calibration memory on the accelerator is one block.
-With ``options.bias_correction`` every method (magnitude too) calibrates, sees statistics about
-the input mean, and each layer's lost mean output is put back (:mod:`wanda_pl.core.correction`).
+Each layer gets the sparsity its plan says (:mod:`wanda_pl.core.plan`; one spec = uniform) and
+the method's own options. With ``bias_correction`` every method (magnitude too) calibrates, sees
+statistics about the input mean, and each layer's lost mean output is put back
+(:mod:`wanda_pl.core.correction`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -24,7 +26,8 @@ from tqdm.auto import tqdm
 
 from . import correction
 from .hooks import BlockInput, collect_stats
-from ..methods import Method, PruneOptions
+from ..methods.base import Method
+from .plan import Plan, plan_for
 from .sparsity import SparsitySpec
 from .layers import param_mask, weight_matrix
 
@@ -36,16 +39,20 @@ TargetsFn = Callable[[str, nn.Module], Dict[str, nn.Module]]
 @dataclass
 class PruneResult:
     masks: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> bool, shaped like module.weight
+    plan: Dict[str, SparsitySpec] = field(default_factory=dict)  # name -> the sparsity it was given
     time_metric_s: float = 0.0  # mask + weight-update computation only (how the paper timed methods)
     time_forward_s: float = 0.0
 
 
-def check_targets(targets: Dict[str, nn.Module], spec: SparsitySpec) -> None:
-    """Fail before any work if a layer cannot take ``spec`` (N:M needs M to divide the input width)."""
+def check_targets(targets: Dict[str, nn.Module], plan: Union[SparsitySpec, Plan]) -> Dict[str, SparsitySpec]:
+    """Fail before any work if a layer cannot take its sparsity (N:M needs M to divide the input
+    width); returns the plan for exactly ``targets``."""
     if not targets:
         raise ValueError("no prunable layers were selected; check the targets / ignore patterns")
+    plan = plan_for(plan, targets)
     for name, module in targets.items():
-        spec.check_width(weight_matrix(module).shape[1], name)
+        plan[name].check_width(weight_matrix(module).shape[1], name)
+    return plan
 
 
 def _device(block: nn.Module, default) -> torch.device:
@@ -53,28 +60,30 @@ def _device(block: nn.Module, default) -> torch.device:
     return p.device if p is not None else torch.device(default)
 
 
-def needs_activations(method: Method, options: PruneOptions) -> bool:
-    return method.needs_activations or options.bias_correction
+def needs_activations(method: Method, bias_correction: bool = False) -> bool:
+    return method.needs_activations or bias_correction
 
 
 def prune_layers(
-    targets: Dict[str, nn.Module], stats: Dict, method: Method, spec: SparsitySpec, options: PruneOptions,
-    result: PruneResult, sinks: Optional[Dict[str, nn.Module]] = None,
+    targets: Dict[str, nn.Module], stats: Dict, method: Method, plan: Union[SparsitySpec, Plan], options: Any,
+    result: PruneResult, sinks: Optional[Dict[str, nn.Module]] = None, bias_correction: bool = False,
 ) -> None:
     """Compute and apply every target's mask in place (weights keep their dense shape and dtype).
 
-    With ``options.bias_correction``, ``sinks`` (from :func:`correction.find_sinks`) say where each
-    layer's mean shift goes."""
-    if options.bias_correction:
+    ``options``: the method's own (None: its defaults). With ``bias_correction``, ``sinks`` (from
+    :func:`correction.find_sinks`) say where each layer's mean shift goes."""
+    plan = plan_for(plan, targets)
+    options = method.options() if options is None else options
+    if bias_correction:
         correction.require_sinks(targets, sinks or {})
     for name, module in targets.items():
         w = weight_matrix(module)
         st = stats.get(name)
-        if options.bias_correction:
+        if bias_correction:
             old_w = w.detach().float().clone()
             st = st.centered()
         t0 = time.perf_counter()
-        mask, new_w = method(w.detach().float(), st, spec, options)
+        mask, new_w = method(w.detach().float(), st, plan[name], options)
         if w.is_cuda:
             torch.cuda.synchronize(w.device)
         result.time_metric_s += time.perf_counter() - t0
@@ -82,9 +91,10 @@ def prune_layers(
             if new_w is not None:
                 w.copy_(new_w.to(w.dtype))
             w.masked_fill_(mask.to(w.device), 0)
-        if options.bias_correction:
+        if bias_correction:
             correction.apply_shift(module, sinks[name], correction.output_shift(old_w, w.detach(), stats[name].mean))
         result.masks[name] = param_mask(module, mask).cpu()
+        result.plan[name] = plan[name]
 
 
 def prune_sequential(
@@ -92,34 +102,37 @@ def prune_sequential(
     inputs: List[BlockInput],
     targets_fn: TargetsFn,
     method: Method,
-    spec: SparsitySpec,
-    options: PruneOptions = PruneOptions(),
+    plan: Union[SparsitySpec, Plan],
+    options: Any = None,
     *,
+    bias_correction: bool = False,
     propagate: bool = True,
     store_device="cpu",
     progress: bool = True,
 ) -> PruneResult:
-    """Prune ``blocks`` in order; ``inputs`` are the captured inputs of the first block."""
+    """Prune ``blocks`` in order; ``inputs`` are the captured inputs of the first block; ``plan``
+    gives each layer its sparsity (one spec: all of them); ``options`` are the method's."""
     result = PruneResult()
     all_targets = [targets_fn(name, block) for name, block in blocks]
     every_target = {k: v for t in all_targets for k, v in t.items()}
-    check_targets(every_target, spec)
-    if options.bias_correction:
+    plan = check_targets(every_target, plan)
+    options = method.options() if options is None else options
+    if bias_correction:
         correction.check_possible(every_target, [b for _, b in blocks])
-    if not needs_activations(method, options):
+    if not needs_activations(method, bias_correction):
         for targets in tqdm(all_targets, desc=f"{method.name}: layers", disable=not progress):
-            prune_layers(targets, {}, method, spec, options, result)
+            prune_layers(targets, {}, method, {n: plan[n] for n in targets}, options, result)
         return result
 
     bar = tqdm(list(zip(blocks, all_targets)), desc=f"{method.name}: blocks", disable=not progress)
     for (name, block), targets in bar:
         device = _device(block, store_device)
         t0 = time.perf_counter()
-        finding = correction.find_sinks(block, targets) if options.bias_correction else nullcontext(None)
+        finding = correction.find_sinks(block, targets) if bias_correction else nullcontext(None)
         with torch.no_grad(), collect_stats(targets, method.needs_hessian) as stats, finding as sinks:
             outs = [inp.call(block, device).to(store_device) for inp in inputs]
         result.time_forward_s += time.perf_counter() - t0
-        prune_layers(targets, stats, method, spec, options, result, sinks)
+        prune_layers(targets, stats, method, {n: plan[n] for n in targets}, options, result, sinks, bias_correction)
         del stats
         if propagate:
             t0 = time.perf_counter()

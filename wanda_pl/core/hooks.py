@@ -12,17 +12,28 @@ from .layers import flatten_inputs, in_features
 from .stats import LayerStats
 
 
-def move(obj: Any, device) -> Any:
-    """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor inside (tuples, lists, dicts)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
+        return fn(obj)
     if isinstance(obj, tuple):
-        return tuple(move(o, device) for o in obj)
+        return tuple(map_tensors(o, fn) for o in obj)
     if isinstance(obj, list):
-        return [move(o, device) for o in obj]
+        return [map_tensors(o, fn) for o in obj]
     if isinstance(obj, dict):
-        return {k: move(v, device) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     return obj
+
+
+def move(obj: Any, device) -> Any:
+    """``obj`` with every tensor inside moved to ``device``."""
+    return map_tensors(obj, lambda t: t.to(device, non_blocking=True))
+
+
+def _stored(obj: Any, device) -> Any:
+    """The other block arguments (attention masks, position embeddings), detached and kept on the
+    store device like the hidden states, not left on the accelerator for every sample."""
+    return map_tensors(obj, lambda t: t.detach().to(device))
 
 
 @dataclass
@@ -79,6 +90,16 @@ def same_arguments(a: Any, b: Any) -> bool:
     return False  # distinct objects of other kinds (e.g. two cache objects): assume they matter
 
 
+@contextmanager
+def removing(handles: List) -> Iterator[None]:
+    """Remove every hook in ``handles`` when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def capture_inputs(
     model: nn.Module,
     blocks: Union[nn.Module, Sequence[nn.Module]],
@@ -114,53 +135,34 @@ def capture_inputs(
                 kind_of.append(len(kinds))
                 kinds.append((i, other, kw))
         if not state["first_batch"] or i == 0:
-            seen[i] = (_detach(other, store_device), _detach(kw, store_device))
+            seen[i] = (_stored(other, store_device), _stored(kw, store_device))
         if i >= state["stop"]:
             raise _Captured
 
     handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
-    try:
-        with torch.no_grad():
-            for n, batch in enumerate(batches):
-                seen.clear()
-                try:
-                    forward(model, batch)
-                except _Captured:
-                    pass
-                else:
-                    if n or len(kind_of) != len(blocks):
-                        raise RuntimeError("the first block was never called during the forward pass; "
-                                           "cannot capture its inputs" if not kind_of else
-                                           f"only {len(kind_of)} of the {len(blocks)} blocks were called in order")
-                if state["first_batch"]:
-                    for first, other, kw in kinds:
-                        seen[first] = (_detach(other, store_device), _detach(kw, store_device))
-                    state["first_batch"], state["stop"] = False, max(first for first, _, _ in kinds)
-                    kinds_first = [first for first, _, _ in kinds]
-                    kinds.clear()  # drop the references to the first batch's tensors
-                inp = captured[-1]
-                inp.args, inp.kwargs = seen[0]
-                if len(kinds_first) > 1:
-                    inp.per_block = {id(b): seen[kinds_first[kind_of[i]]] for i, b in enumerate(blocks)}
-    finally:
-        for h in handles:
-            h.remove()
+    with removing(handles), torch.no_grad():
+        for n, batch in enumerate(batches):
+            seen.clear()
+            try:
+                forward(model, batch)
+            except _Captured:
+                pass
+            else:
+                if n or len(kind_of) != len(blocks):
+                    raise RuntimeError("the first block was never called during the forward pass; "
+                                       "cannot capture its inputs" if not kind_of else
+                                       f"only {len(kind_of)} of the {len(blocks)} blocks were called in order")
+            if state["first_batch"]:
+                for first, other, kw in kinds:
+                    seen[first] = (_stored(other, store_device), _stored(kw, store_device))
+                state["first_batch"], state["stop"] = False, max(first for first, _, _ in kinds)
+                kinds_first = [first for first, _, _ in kinds]
+                kinds.clear()  # drop the references to the first batch's tensors
+            inp = captured[-1]
+            inp.args, inp.kwargs = seen[0]
+            if len(kinds_first) > 1:
+                inp.per_block = {id(b): seen[kinds_first[kind_of[i]]] for i, b in enumerate(blocks)}
     return captured
-
-
-def _detach(obj: Any, device=None) -> Any:
-    """``obj`` with every tensor detached and (blocking) moved to ``device``: the other block
-    arguments (attention masks, position embeddings) are kept on the store device like the
-    hidden states, not left on the accelerator for every sample."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach() if device is None else obj.detach().to(device)
-    if isinstance(obj, tuple):
-        return tuple(_detach(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_detach(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _detach(v, device) for k, v in obj.items()}
-    return obj
 
 
 def _samples_in(x: torch.Tensor) -> int:
@@ -180,8 +182,5 @@ def collect_stats(targets: Dict[str, nn.Module], with_hessian: bool = False) -> 
             _s.update(flatten_inputs(mod, x), _samples_in(x))
 
         handles.append(module.register_forward_hook(hook))
-    try:
+    with removing(handles):
         yield stats
-    finally:
-        for h in handles:
-            h.remove()

@@ -93,17 +93,20 @@ def row_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
     return mask
 
 
+def lowest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly the ``k`` lowest entries of ``score`` (stable: on ties the lower position)."""
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    if k > 0:
+        mask[torch.sort(score.flatten(), stable=True).indices[:k]] = True
+    return mask.reshape(score.shape)
+
+
 def layer_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
     """The whole matrix loses exactly ``int(numel * ratio)`` of its lowest scores.
 
     The reference thresholds with ``<=`` at index k and so prunes k+1 (or more on ties);
     selecting indices makes the count exact."""
-    k = int(score.numel() * ratio)
-    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if k:
-        idx = torch.sort(score.flatten(), stable=True).indices[:k]
-        mask[idx] = True
-    return mask.reshape(score.shape)
+    return lowest(score, int(score.numel() * ratio))
 
 
 def _alpha_mask(alpha: float, sorted_scores: torch.Tensor, cumsum: torch.Tensor, row_sum: torch.Tensor, score: torch.Tensor):

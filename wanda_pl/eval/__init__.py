@@ -1,0 +1,3 @@
+"""Evaluation as plain functions and metrics: perplexity (sums as tensors, reduced across ranks,
+one float out), lm-eval zero-shot accuracy on the in-memory model, and image top-1/top-5 and
+agreement with the dense model. Heavy imports (lm-eval) happen lazily, inside the functions."""

@@ -1,4 +1,4 @@
-"""Hugging Face causal LMs: where the decoder blocks are.
+"""Hugging Face causal LMs: loading, saving, and where the decoder blocks are.
 
 The decoder blocks are the ``nn.ModuleList`` holding most of the parameters (Llama/Mistral/Qwen2
 ``model.layers``, GPT-2 ``transformer.h``, OPT ``model.decoder.layers``, GPT-NeoX
@@ -7,9 +7,43 @@ the layer kinds' business (:mod:`wanda_pl.core.layers`).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
+
+from ..assets.resolve import EMBEDDED_MODELS, hub_error, resolve_model
+from ..core.hooks import BlockInput, capture_inputs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer, resolved path) for an embedded name, local folder or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if path == name_or_path and "/" not in name_or_path and not path.startswith("."):
+            raise ValueError(
+                f"{name_or_path!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}), a local folder, "
+                f"or a model the hub could give: {err}"
+            ) from err
+        raise hub_error("model", name_or_path, err, EMBEDDED_MODELS) from err
+    model.config.use_cache = False
+    model.eval()
+    return model, tokenizer, path
+
+
+def save_causal_lm(model: nn.Module, tokenizer, folder, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """A Hugging Face folder ``from_pretrained`` reloads (``state_dict``: whole weights of a sharded model)."""
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(folder)
 
 
 def _n_params(module: nn.Module) -> int:
@@ -29,3 +63,15 @@ def find_blocks(model: nn.Module) -> Tuple[str, List[nn.Module]]:
     if best is None:
         raise ValueError(f"could not find the repeated blocks (an nn.ModuleList) in {type(model).__name__}")
     return best[1], list(best[2])
+
+
+def named_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    prefix, blocks = find_blocks(model)
+    return [(f"{prefix}.{i}", b) for i, b in enumerate(blocks)]
+
+
+def capture_block_inputs(model: nn.Module, calibration: torch.Tensor, store_device="cpu") -> List[BlockInput]:
+    """The first decoder block's inputs for each calibration window (token ids, (n, seqlen))."""
+    device = next(model.parameters()).device
+    return capture_inputs(model, find_blocks(model)[1], calibration.split(1),
+                          lambda m, ids: m(input_ids=ids.to(device), use_cache=False), store_device)

@@ -1,71 +1,35 @@
-"""Pruning methods: a plain dict registry from name to :class:`Method`.
+"""Pruning methods: one file each, and this table.
 
-A method turns one layer's weight (out x in, fp32) and its calibration statistics into a
-pruning mask (True = prune) and, for solvers like SparseGPT, updated weights. Adding a
-method is one file that calls :func:`register`.
+A method turns one layer's weight (out x in, fp32) and its calibration statistics into a pruning
+mask (True = prune) and, for solvers like SparseGPT, updated weights; it declares its own knobs
+(:mod:`.base`). Adding a method is one new file plus one entry in ``METHODS``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, List
 
-import torch
+from . import ablations, magnitude, sparsegpt, wanda
+from .base import Method
 
-from ..core.sparsity import SparsitySpec
-from ..core.stats import LayerStats
-
-
-@dataclass(frozen=True)
-class PruneOptions:
-    """Per-run knobs a method may read; plain values so they fit a CLI."""
-
-    granularity: Optional[str] = None  # None: the method's own default
-    use_variant: bool = False
-    blocksize: int = 128
-    percdamp: float = 0.01
-    bias_correction: bool = False  # read by the engine: centred statistics, mean shift restored
-
-
-# (weight, stats, spec, options) -> (mask, new weight or None)
-PruneFn = Callable[[torch.Tensor, Optional[LayerStats], SparsitySpec, PruneOptions], Tuple[torch.Tensor, Optional[torch.Tensor]]]
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    fn: PruneFn
-    needs_activations: bool = True
-    needs_hessian: bool = False
-    default_granularity: str = "row"
-    supports_variant: bool = False
-
-    def __call__(self, weight, stats, spec, options=PruneOptions()):
-        return self.fn(weight, stats, spec, options)
-
-
-METHODS: Dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    METHODS[method.name] = method
-    return method
+METHODS: Dict[str, Method] = {m.name: m for m in (
+    magnitude.METHOD,
+    wanda.METHOD,
+    sparsegpt.METHOD,
+    *ablations.METHODS,
+)}
 
 
 def get_method(name: str) -> Method:
-    _load()
     if name not in METHODS:
         raise ValueError(f"unknown pruning method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 
-def method_names():
-    _load()
+def check_knobs(**knobs) -> None:
+    """Validate every knob with the options class of each method that declares it."""
+    for method in METHODS.values():
+        method.make_options(**knobs)
+
+
+def method_names() -> List[str]:
     return sorted(METHODS)
-
-
-def _load() -> None:
-    from . import magnitude, wanda  # noqa: F401
-    try:
-        from . import sparsegpt  # noqa: F401
-    except ImportError:  # pragma: no cover - while sparsegpt is being written
-        pass

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 from ..core.sparsity import select_mask
-from . import Method, register
+from .base import MaskOptions, Method
 
 
-def magnitude(weight, stats, spec, options):
-    gran = options.granularity or "layer"
-    return select_mask(weight.abs(), spec, gran, options.use_variant), None
+def magnitude(weight, stats, spec, options: MaskOptions):
+    return select_mask(weight.abs(), spec, options.granularity or "layer"), None
 
 
-register(Method("magnitude", magnitude, needs_activations=False, default_granularity="layer"))
+METHOD = Method("magnitude", magnitude, MaskOptions, needs_activations=False, default_granularity="layer")

@@ -1,4 +1,4 @@
-"""SparseGPT (Frantar & Alistarh, 2023, arXiv 2301.00774) and the Wanda paper's four ablations.
+"""SparseGPT (Frantar & Alistarh, 2023, arXiv 2301.00774): prune and OBS-update one layer.
 
 Rule: walk the input columns left to right; zero column i's pruned weights and spread the
 error ``(w_i - q_i) / U_ii`` over the later columns along row i of ``U``, the upper Cholesky
@@ -22,9 +22,9 @@ as in the reference, and the returned mask always includes them: the mask is exa
 positions this function forces to zero. Their weights score 0, so they take part of a block's
 budget; when more dead weights exist than the budget, the layer ends up sparser than asked.
 
-Ablations (Wanda paper, the reference's ``ablate_*`` methods): ``mask=`` fixes the mask beforehand (``ablate_*_seq``) and only
-the OBS updates run; ``iter_score=`` rescores the *updated* weights at every block (unstructured)
-or every group of M columns (N:M) with another criterion (``ablate_*_iter``).
+``mask=`` fixes the mask beforehand and only the OBS updates run; ``iter_score=`` rescores the
+*updated* weights at every block (unstructured) or every group of M columns (N:M) with another
+criterion: the Wanda paper's ablations (:mod:`wanda_pl.methods.ablations`) are built from these.
 """
 from __future__ import annotations
 
@@ -34,9 +34,8 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
-from ..core.sparsity import SparsitySpec, nm_mask, select_mask
-from . import Method, register
-from .wanda import wanda_score
+from ..core.sparsity import SparsitySpec, lowest, nm_mask
+from .base import Method, SolverOptions
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +95,6 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01) -> Tuple[tor
         f"SparseGPT: the Hessian is not positive definite even with damping {damp:.4g} ({tried:.3g} x mean diag(H) "
         f"{diag_mean:.4g}); the calibration statistics of this layer are unusable (check for degenerate inputs)"
     )
-
-
-def _lowest(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Exactly the ``k`` lowest entries of ``score`` (ties broken by position)."""
-    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if k > 0:
-        mask[torch.sort(score.flatten(), stable=True).indices[:k]] = True
-    return mask.reshape(score.shape)
 
 
 def _check_score(score: torch.Tensor, shape) -> torch.Tensor:
@@ -184,7 +175,7 @@ def sparsegpt_prune(
                 else:
                     # OBS saliency w^2 / [H^-1]_ii, with [H^-1]_ii taken after eliminating earlier columns.
                     score = W1.pow(2) / d.pow(2).unsqueeze(0)
-                mask1 = _lowest(score, k)
+                mask1 = lowest(score, k)
 
             for i in range(i2 - i1):
                 if nm and i % spec.m == 0:
@@ -217,43 +208,14 @@ def sparsegpt_prune(
     return pruned, W
 
 
-def _hessian(stats, name: str) -> torch.Tensor:
+def hessian(stats, name: str) -> torch.Tensor:
     if stats is None:
         raise ValueError(f"{name} needs calibration statistics with the Hessian")
     return stats.hessian
 
 
-def sparsegpt(weight, stats, spec, options):
-    return sparsegpt_prune(weight, _hessian(stats, "sparsegpt"), spec, options.blocksize, options.percdamp)
+def sparsegpt(weight, stats, spec, options: SolverOptions):
+    return sparsegpt_prune(weight, hessian(stats, "sparsegpt"), spec, options.blocksize, options.percdamp)
 
 
-def ablate_mag_seq(weight, stats, spec, options):
-    H = _hessian(stats, "ablate_mag_seq")
-    fixed = select_mask(weight.abs(), spec, options.granularity or "layer")
-    return sparsegpt_prune(weight, H, spec, options.blocksize, options.percdamp, mask=fixed)
-
-
-def ablate_wanda_seq(weight, stats, spec, options):
-    H = _hessian(stats, "ablate_wanda_seq")
-    fixed = select_mask(wanda_score(weight, stats.scaler_row), spec, options.granularity or "row")
-    return sparsegpt_prune(weight, H, spec, options.blocksize, options.percdamp, mask=fixed)
-
-
-def ablate_mag_iter(weight, stats, spec, options):
-    H = _hessian(stats, "ablate_mag_iter")
-    return sparsegpt_prune(weight, H, spec, options.blocksize, options.percdamp, iter_score=lambda w, cols: w.abs())
-
-
-def ablate_wanda_iter(weight, stats, spec, options):
-    H = _hessian(stats, "ablate_wanda_iter")
-    norm = torch.sqrt(stats.scaler_row.to(device=weight.device, dtype=torch.float32))
-    return sparsegpt_prune(
-        weight, H, spec, options.blocksize, options.percdamp, iter_score=lambda w, cols: w.abs() * norm[cols].unsqueeze(0)
-    )
-
-
-register(Method("sparsegpt", sparsegpt, needs_activations=True, needs_hessian=True))
-register(Method("ablate_mag_seq", ablate_mag_seq, needs_activations=True, needs_hessian=True, default_granularity="layer"))
-register(Method("ablate_wanda_seq", ablate_wanda_seq, needs_activations=True, needs_hessian=True, default_granularity="row"))
-register(Method("ablate_mag_iter", ablate_mag_iter, needs_activations=True, needs_hessian=True))
-register(Method("ablate_wanda_iter", ablate_wanda_iter, needs_activations=True, needs_hessian=True))
+METHOD = Method("sparsegpt", sparsegpt, SolverOptions, needs_hessian=True)

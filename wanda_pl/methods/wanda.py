@@ -6,21 +6,28 @@ along input columns; ``use_variant`` picks a per-row cumulative-score threshold 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..core.sparsity import select_mask
-from . import Method, register
+from .base import MaskOptions, Method
+
+
+@dataclass(frozen=True)
+class WandaOptions(MaskOptions):
+    use_variant: bool = False  # the paper's variant: per-row threshold on cumulative scores
 
 
 def wanda_score(weight: torch.Tensor, scaler_row: torch.Tensor) -> torch.Tensor:
     return weight.abs() * torch.sqrt(scaler_row.to(weight.device)).unsqueeze(0)
 
 
-def wanda(weight, stats, spec, options):
+def wanda(weight, stats, spec, options: WandaOptions):
     if stats is None:
         raise ValueError("wanda needs calibration statistics")
     score = wanda_score(weight, stats.scaler_row)
     return select_mask(score, spec, options.granularity or "row", options.use_variant), None
 
 
-register(Method("wanda", wanda, default_granularity="row", supports_variant=True))
+METHOD = Method("wanda", wanda, WandaOptions, default_granularity="row")

@@ -1,52 +1,24 @@
-"""LightningModule around a Hugging Face causal LM: perplexity validation, fine-tuning loss."""
+"""LightningModule around a Hugging Face causal LM: perplexity validation, fine-tuning loss.
+
+It implements :class:`wanda_pl.modules.protocol.PrunableModule`; what is Hugging Face knowledge
+(loading, saving, where the blocks are) lives in :mod:`wanda_pl.families.hf_causal`.
+"""
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..families.hf_causal import find_blocks
+from ..core.hooks import BlockInput
 from ..core.layers import select_targets
-from ..core.hooks import BlockInput, capture_inputs
-from ..hub import EMBEDDED_MODELS, hub_error, resolve_model
+from ..eval.perplexity import PerplexitySums, window_nll
+from ..families.hf_causal import capture_block_inputs, load_causal_lm, named_blocks, save_causal_lm
+from .common import adamw
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer, resolved path) for an embedded name, local folder or hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    path = resolve_model(name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    except OSError as err:
-        if path == name_or_path and "/" not in name_or_path and not path.startswith("."):
-            raise ValueError(
-                f"{name_or_path!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}), a local folder, "
-                f"or a model the hub could give: {err}"
-            ) from err
-        raise hub_error("model", name_or_path, err, EMBEDDED_MODELS) from err
-    model.config.use_cache = False
-    model.eval()
-    return model, tokenizer, path
-
-
-def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL of each window, fp32: shape (batch,)."""
-    shift = logits[:, :-1].float()
-    nll = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    return nll.view(ids.shape[0], -1).mean(dim=1)
 
 
 class CausalLM(L.LightningModule):
@@ -96,10 +68,8 @@ class CausalLM(L.LightningModule):
         self.save_hyperparameters()
         self.model, self.tokenizer, self.path = load_causal_lm(name_or_path, dtype, trust_remote_code)
         self.max_length = getattr(self.model.config, "max_position_embeddings", None)
-        self._nll = torch.zeros(())
-        self._windows = torch.zeros(())
-        self.last_ppl: Optional[float] = None
-        self.last_metrics: Dict[str, float] = {}
+        self._ppl = PerplexitySums()
+        self._metrics: Dict[str, float] = {}
         self.masks: Dict[str, torch.Tensor] = {}
         self.train_losses: List[torch.Tensor] = []
         self._finetune_ready = False
@@ -120,34 +90,25 @@ class CausalLM(L.LightningModule):
             raise NotImplementedError("model.finetune=lora under ModelParallelStrategy (FSDP2) is not supported: "
                                       "fine-tune LoRA with ddp or on one device, or use model.finetune=full")
         mesh = self.device_mesh["data_parallel"]
-        for block in find_blocks(self.model)[1]:
+        for _, block in named_blocks(self.model):
             fully_shard(block, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
 
-    # --- pruning plan (architecture knowledge stays in adapters) ---
+    # --- what to prune ---
     def prunable_blocks(
         self, calibration: Optional[torch.Tensor], store_device="cpu"
     ) -> Tuple[List[Tuple[str, nn.Module]], List[BlockInput]]:
         """The decoder blocks in order and the captured inputs of the first (none without calibration)."""
-        prefix, blocks = find_blocks(self.model)
-        named = [(f"{prefix}.{i}", b) for i, b in enumerate(blocks)]
-        if calibration is None:
-            return named, []
-        device = next(self.model.parameters()).device
-        inputs = capture_inputs(
-            self.model, blocks, calibration.split(1),
-            lambda m, ids: m(input_ids=ids.to(device), use_cache=False), store_device,
-        )
-        return named, inputs
+        named = named_blocks(self.model)
+        return named, [] if calibration is None else capture_block_inputs(self.model, calibration, store_device)
 
     def block_targets(self, name: str, block: nn.Module) -> Dict[str, nn.Module]:
         return select_targets(block, name, self.hparams.targets, self.hparams.ignore or ())
 
     def all_targets(self) -> Dict[str, nn.Module]:
-        prefix, blocks = find_blocks(self.model)
         out: Dict[str, nn.Module] = {}
-        for i, b in enumerate(blocks):
-            out.update(self.block_targets(f"{prefix}.{i}", b))
+        for name, block in named_blocks(self.model):
+            out.update(self.block_targets(name, block))
         return out
 
     # --- perplexity, as the paper: exp(mean over windows of the window's mean NLL) ---
@@ -155,25 +116,22 @@ class CausalLM(L.LightningModule):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def on_validation_epoch_start(self) -> None:
-        self.last_metrics = {}
-        self._nll = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._windows = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._metrics = {}
+        self._ppl = PerplexitySums(self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         (ids,) = batch
-        nll = window_nll(self(ids), ids)
-        self._nll += nll.double().sum()
-        self._windows += ids.shape[0]
+        self._ppl.update(self(ids), ids)
 
     def on_validation_epoch_end(self) -> None:
-        total = self.trainer.strategy.reduce(self._nll.clone(), reduce_op="sum")
-        count = self.trainer.strategy.reduce(self._windows.clone(), reduce_op="sum")
-        if float(count) == 0:
+        ppl = self._ppl.compute()
+        if ppl is None:
             return
-        self.last_ppl = math.exp(float(total) / float(count))
-        # Updated, not replaced: callbacks (zero-shot) run their epoch-end hooks before this one.
-        self.last_metrics["ppl"] = self.last_ppl
-        self.log("ppl", self.last_ppl, prog_bar=True, rank_zero_only=False, sync_dist=False)
+        self._metrics = {"ppl": ppl}
+        self.log("ppl", ppl, prog_bar=True, rank_zero_only=False, sync_dist=False)
+
+    def validation_metrics(self) -> Dict[str, float]:
+        return dict(self._metrics)
 
     # --- fine-tuning ---
     @property
@@ -208,8 +166,8 @@ class CausalLM(L.LightningModule):
                                  f"{[n for n, _ in self.model.named_parameters()][:3]})")
         self._finetune_ready = True
 
-    def set_masks(self, masks: Dict[str, torch.Tensor]) -> None:
-        """From the Pruning callback when fitting starts: the adapters' updates skip pruned weights."""
+    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """From the Pruning callback whenever it applies masks: the adapters' updates skip pruned weights."""
         from ..training import lora
 
         self.masks = masks
@@ -230,10 +188,7 @@ class CausalLM(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("nothing to train: no parameter requires a gradient")
-        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        return adamw(self.model, self.hparams.learning_rate, self.hparams.weight_decay)
 
     def finetune_describe(self) -> Dict[str, Any]:
         hp = self.hparams
@@ -258,30 +213,19 @@ class CausalLM(L.LightningModule):
 
         return len(lora.merge(self.model))
 
-    @staticmethod
-    def metrics_report(dense: Optional[Dict[str, float]], pruned: Dict[str, float]) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"ppl_dense": None if dense is None else dense["ppl"], "ppl": pruned["ppl"]}
-        if "zero_shot" in pruned:
-            out["zero_shot"] = {"dense": None if dense is None else dense.get("zero_shot"), "pruned": pruned["zero_shot"]}
-        return out
+    def metrics_report(self, dense: Optional[Dict[str, float]], pruned: Dict[str, float]) -> Dict[str, Any]:
+        return {"ppl_dense": None if dense is None else dense["ppl"], "ppl": pruned["ppl"]}
 
-    @staticmethod
-    def metrics_line(dense: Optional[Dict[str, float]], pruned: Dict[str, float]) -> str:
+    def metrics_line(self, dense: Optional[Dict[str, float]], pruned: Dict[str, float]) -> str:
         d = "n/a" if dense is None else f"{dense['ppl']:.3f}"
-        line = f"perplexity dense {d}, pruned {pruned['ppl']:.3f}"
-        if "zero_shot" in pruned:
-            from ..eval.zero_shot import format_table
-
-            line += "\nzero-shot accuracy (%):\n" + format_table((dense or {}).get("zero_shot") or {}, pruned["zero_shot"])
-        return line
+        return f"perplexity dense {d}, pruned {pruned['ppl']:.3f}"
 
     def save(self, folder, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """The (pruned) network as a Hugging Face folder that ``from_pretrained`` reloads.
 
         ``state_dict``: the whole weights of a sharded model (``wanda_pl.training.sharding.full_state_dict``,
         gathered on every rank before rank 0 saves)."""
-        self.model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
-        self.tokenizer.save_pretrained(folder)
+        save_causal_lm(self.model, self.tokenizer, folder, state_dict)
 
     def describe(self) -> Dict[str, Any]:
         return {"model": self.hparams.name_or_path, "model_path": self.path, "dtype": self.hparams.dtype}

@@ -30,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.layers import is_prunable
+from .masks import MASKS_FILE, load_masks, save_masks
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
-MASKS_FILE = "masks.pt"
 
 
 class MaskedLoRALinear(nn.Linear):
@@ -196,29 +196,8 @@ def save_adapter(model: nn.Module, folder, masks: Mapping[str, torch.Tensor], ex
     config = {"format": "wanda_pl.masked_lora", "r": first.r, "alpha": first.alpha, "dropout": dropout,
               "layers": list(layers), "masked_layers": [n for n in layers if n in masks], **(extra or {})}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")
-    torch.save({k: v.detach().cpu().bool() for k, v in masks.items()}, folder / MASKS_FILE)
+    save_masks(masks, folder / MASKS_FILE)
     return folder
-
-
-def load_masks(path, weights: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-    """Masks saved by ``prune --save_model true`` or :func:`save_adapter` (a file, or a folder holding
-    ``masks.pt``), checked against ``weights`` (name -> weight) when given."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MASKS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no mask file at {str(path)!r}")
-    masks = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(masks, dict) or not all(isinstance(v, torch.Tensor) for v in masks.values()):
-        raise ValueError(f"{str(path)!r} is not a mask file (a dict of layer name -> bool tensor)")
-    if weights is not None:
-        missing = [n for n in masks if n not in weights]
-        if missing:
-            raise ValueError(f"masks in {str(path)!r} name layers this model has not: {missing[:5]}")
-        for n, m in masks.items():
-            if tuple(m.shape) != tuple(weights[n].shape):
-                raise ValueError(f"mask {n!r} has shape {tuple(m.shape)}, the weight {tuple(weights[n].shape)}")
-    return {k: v.bool() for k, v in masks.items()}
 
 
 @torch.no_grad()

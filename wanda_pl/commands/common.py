@@ -1,0 +1,56 @@
+"""What every command shares: measuring the model, writing the output folder on rank 0, and the
+report sections every report has."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+
+from .outputs import staged_dir
+from .report import peak_memory, versions
+
+
+@dataclass
+class Evaluation:
+    """One validation run's results: the module's metrics and, when enabled, zero-shot accuracy."""
+
+    metrics: Dict[str, Any]
+    zero_shot: Optional[Dict[str, Any]] = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {**self.metrics, **({"zero_shot": self.zero_shot} if self.zero_shot is not None else {})}
+
+
+def evaluate(trainer, model, datamodule, zero_shot=None) -> Evaluation:
+    """Run Lightning's validation (every rank) and collect what each party measured."""
+    t0 = time.perf_counter()
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    return Evaluation(model.validation_metrics(), None if zero_shot is None else zero_shot.result,
+                      time.perf_counter() - t0)
+
+
+@contextmanager
+def staged_output(trainer, output_dir, inputs: Mapping[str, object], command: str,
+                  writes: Mapping[str, object] = ()) -> Iterator[Any]:
+    """The staged output folder on rank 0 (None elsewhere): under DDP every rank runs the command,
+    and another rank's empty stage committed after rank 0's would replace the finished output."""
+    with (staged_dir(output_dir, inputs, command, writes) if trainer.is_global_zero else nullcontext()) as stage:
+        yield stage
+
+
+def lightning_writes(trainer) -> Dict[str, object]:
+    """Folders Lightning fills during a run: an output folder must not hold them."""
+    return {"trainer.default_root_dir": trainer.default_root_dir}
+
+
+def environment(trainer) -> Dict[str, Any]:
+    """The report's ``environment`` section."""
+    return {"peak_memory_mb": peak_memory(), "devices": trainer.world_size, "versions": versions()}
+
+
+def timed(fn, *args, **kwargs) -> Tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0

@@ -1,0 +1,69 @@
+"""Masks as files and as zeros, and which strategies can keep them on their weights.
+
+A mask is a bool tensor shaped like its layer's weight, True where the weight is pruned; a mask
+file (``masks.pt``) maps layer names (relative to the wrapped network) to masks.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from .sharding import full
+
+log = logging.getLogger(__name__)
+
+MASKS_FILE = "masks.pt"
+
+
+def save_masks(masks: Mapping[str, torch.Tensor], path) -> None:
+    torch.save({k: v.detach().cpu().bool() for k, v in masks.items()}, path)
+
+
+def load_masks(path, weights: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Masks saved by ``prune --save_model true`` or :func:`save_adapter` (a file, or a folder holding
+    ``masks.pt``), checked against ``weights`` (name -> weight) when given."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MASKS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no mask file at {str(path)!r}")
+    masks = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(masks, dict) or not all(isinstance(v, torch.Tensor) for v in masks.values()):
+        raise ValueError(f"{str(path)!r} is not a mask file (a dict of layer name -> bool tensor)")
+    if weights is not None:
+        missing = [n for n in masks if n not in weights]
+        if missing:
+            raise ValueError(f"masks in {str(path)!r} name layers this model has not: {missing[:5]}")
+        for n, m in masks.items():
+            if tuple(m.shape) != tuple(weights[n].shape):
+                raise ValueError(f"mask {n!r} has shape {tuple(m.shape)}, the weight {tuple(weights[n].shape)}")
+    return {k: v.bool() for k, v in masks.items()}
+
+
+def masks_from(source: str, targets: Mapping[str, nn.Module]) -> Dict[str, torch.Tensor]:
+    """``zeros`` (the zeros of an already pruned model's targets) or a mask file checked against them."""
+    if source == "zeros":
+        masks = {name: (full(m.weight.detach()) == 0).cpu() for name, m in targets.items()}
+        if not any(bool(m.any()) for m in masks.values()):
+            log.warning("pruning.masks_from=zeros: the model has no zero weight in its targets (is it dense?)")
+        return masks
+    return load_masks(source, {name: m.weight for name, m in targets.items()})
+
+
+def check_strategy(trainer) -> None:
+    """The masks are edited by layer name on whole weights, or on DTensor shards cut as the weights
+    are (ModelParallelStrategy / FSDP2); FSDP1 and DeepSpeed hold flat shards mixing several weights."""
+    name = type(trainer.strategy).__name__
+    if name in ("FSDPStrategy", "DeepSpeedStrategy"):
+        raise NotImplementedError(
+            f"the Pruning callback keeps masks on named weights; {name} shards them into flat pieces of "
+            f"several weights that it cannot address. To shard a pruned model, use Lightning's "
+            f"ModelParallelStrategy (FSDP2: fully_shard in the LightningModule's configure_model; e.g. "
+            f"--trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy "
+            f"--trainer.strategy.data_parallel_size <devices> --trainer.strategy.tensor_parallel_size 1), "
+            f"or fine-tune with ddp or on one device"
+        )
