@@ -39,7 +39,7 @@ class Runner:
             self.module.model.load_state_dict(self.dense_state)
             t = trainer([])
             t.validate(self.module, datamodule=self.dm, verbose=False)
-            self.dense = dict(self.module.last_metrics)
+            self.dense = self.module.validation_metrics()
         return self.dense
 
     def run(self, **pruning_kwargs) -> dict:

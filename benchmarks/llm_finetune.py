@@ -61,7 +61,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     t.validate(module, datamodule=dm, verbose=False)
-    dense, t_dense = dict(module.last_metrics), time.perf_counter() - t0
+    dense, t_dense = module.validation_metrics(), time.perf_counter() - t0
     print(f"dense perplexity {dense['ppl']:.3f} ({t_dense:.0f} s)", flush=True)
 
     pruning.enabled = True

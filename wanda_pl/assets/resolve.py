@@ -13,8 +13,10 @@ from .registry import EMBEDDED_MODELS, EMBEDDED_TEXT, ensure
 __all__ = ["EMBEDDED_MODELS", "EMBEDDED_TEXT", "offline", "looks_like_path", "hub_error", "resolve_model"]
 
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+def offline(*variables: str) -> bool:
+    """Whether the hub is switched off by the environment (``HF_HUB_OFFLINE``, or any of ``variables``)."""
+    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+               for var in variables or ("HF_HUB_OFFLINE",))
 
 
 def looks_like_path(name: str) -> bool:

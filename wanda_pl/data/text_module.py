@@ -66,14 +66,14 @@ class TextDataModule(L.LightningDataModule):
 
     def prepare_for(self, module) -> None:
         """Connect to ``module`` and load the data, so bad settings fail before any long work."""
-        self.connect(module.tokenizer, getattr(module, "max_length", None))
+        self.connect(module.tokenizer, module.max_length)
         self.calibration_ids()
         self.evaluation_ids()
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None and self.trainer is not None:
             module = self.trainer.lightning_module
-            self.connect(module.tokenizer, getattr(module, "max_length", None))
+            self.connect(module.tokenizer, module.max_length)
 
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:

@@ -26,6 +26,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
+from ..assets.resolve import offline
 from .ranks import lm_class
 from .results import format_table, summarise
 
@@ -43,11 +44,7 @@ def resolve_source(source: str = "auto") -> str:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     if source != "auto":
         return source
-    offline = any(
-        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-    return "embedded" if offline else "hub"
+    return "embedded" if offline("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") else "hub"
 
 
 def _is_path(task: str) -> bool:
