@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from wanda_pl.callbacks import Calibration, Pruning  # noqa: E402
-from wanda_pl.data.assets import converted  # noqa: E402
+from wanda_pl.assets.fetch import converted  # noqa: E402
 from wanda_pl.data.images import ImageFolderDataModule  # noqa: E402
 from wanda_pl.commands.fit import fit_and_report  # noqa: E402
 from wanda_pl.modules.classifier import Classifier  # noqa: E402
@@ -217,7 +217,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     make_trainer([]).validate(module, datamodule=dm, verbose=False)  # unpruned: stores the dense top-1 per image
-    dense, t_dense_eval = dict(module.last_metrics), time.perf_counter() - t0
+    dense, t_dense_eval = module.validation_metrics(), time.perf_counter() - t0
     print(f"dense: top-1 {pct(dense['top1'])} ({t_train:.0f} s training, {t_dense_eval:.0f} s eval)", flush=True)
     dense_state = copy.deepcopy(module.model.state_dict())
 
@@ -248,8 +248,8 @@ def main() -> None:
         assert counts["after"] == counts["before"], f"{method} {ratio}: fine-tuning changed the zeros per layer"
         assert report["sparsity_after"] == report["sparsity_before"], f"{method} {ratio}: fine-tuning changed the sparsity"
         assert report["masks"]["nonzero_at_pruned_positions"] == 0, f"{method} {ratio}: a pruned weight came back"
-        ts, pt = report["time_s"], pruning.times
-        t_prune = pt["calibration_data"] + pt["prune"]
+        ts = report["time_s"]
+        t_prune = pruning.outcome.calibration_data_s + pruning.outcome.total_s
         print(f"{method} {ratio:g}: pruned top-1 {pct(before['top1'])}, fine-tuned {pct(after['top1'])}; zeros {zeros_before:,} -> "
               f"{zeros_after:,}; sparsity {report['sparsity_before']:.4f} -> {report['sparsity_after']:.4f}", flush=True)
         loss = f"{np.mean(progress.losses[:20]):.3f} -> {np.mean(progress.losses[-20:]):.3f}" if progress.losses else "n/a"

@@ -16,7 +16,9 @@ photos (``imagenet-photos/val``), and top-1 agreement with the dense model on th
 ``natural-images`` (the low-noise measure of pruning damage).
 
 Uses the same pieces as ``cli.py prune``: the Classifier module and datamodule, the engine's
-``collect_stats`` / ``prune_layers``, the registered methods and sparsity selection.
+``prune_sequential`` on the Classifier's ``prunable_blocks`` (``propagate=False`` for statistics
+from the dense forward, ``True`` for the sequential rows), the registered methods, and the vision
+metrics of ``wanda_pl.eval.vision`` (``Agreement``, top-1 / top-5 accuracy).
 """
 from __future__ import annotations
 
@@ -34,20 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from wanda_pl.core.correction import find_sinks  # noqa: E402
-from wanda_pl.core.engine import PruneResult, prune_layers, prune_sequential  # noqa: E402
-from wanda_pl.core.hooks import collect_stats  # noqa: E402
-from wanda_pl.methods import PruneOptions, get_method  # noqa: E402
-from wanda_pl.modules.classifier import Classifier  # noqa: E402
-from wanda_pl.data.images import ImageFolderDataModule, load_image  # noqa: E402
 from wanda_pl.commands.report import overall_sparsity  # noqa: E402
+from wanda_pl.core.engine import prune_sequential  # noqa: E402
 from wanda_pl.core.sparsity import SparsitySpec  # noqa: E402
-
-
-@torch.no_grad()
-def predict(module: Classifier, images: torch.Tensor, batch: int) -> torch.Tensor:
-    module.eval()
-    return torch.cat([module(x) for x in images.split(batch)])
+from wanda_pl.data.image_files import load_image  # noqa: E402
+from wanda_pl.data.images import ImageFolderDataModule  # noqa: E402
+from wanda_pl.eval.vision import Agreement, top_k_accuracy, validation_results  # noqa: E402
+from wanda_pl.methods import get_method  # noqa: E402
+from wanda_pl.modules.classifier import Classifier  # noqa: E402
 
 
 @torch.no_grad()
@@ -65,19 +61,24 @@ def recalibrate_batchnorm(module: Classifier, images: torch.Tensor, batch: int) 
     module.eval()
 
 
-def evaluate(logits: torch.Tensor, labels: torch.Tensor, dense_top1: torch.Tensor) -> dict:
-    lab = labels >= 0
-    top1 = logits.argmax(-1)
-    top5 = logits.topk(5, dim=-1).indices
-    unl = ~lab
-    return {
-        "top1": int((top1[lab] == labels[lab]).sum()),
-        "top5": int((top5[lab] == labels[lab, None]).any(-1).sum()),
-        "labelled": int(lab.sum()),
-        "agree_unl": float((top1[unl] == dense_top1[unl]).float().mean()),
-        "agree_all": float((top1 == dense_top1).float().mean()),
-        "unlabelled": int(unl.sum()),
-    }
+@torch.no_grad()
+def evaluate(module: Classifier, images: torch.Tensor, labels: torch.Tensor, batch: int, dense: Agreement) -> dict:
+    """The package's vision metrics over every evaluation image; ``dense`` holds the dense top-1
+    (the first call, on the dense model, stores it)."""
+    module.eval()
+    top1, top5 = top_k_accuracy(module.num_classes, 1), top_k_accuracy(module.num_classes, 5)
+    dense.reset()
+    for x, y, i in zip(images.split(batch), labels.split(batch), torch.arange(len(images)).split(batch)):
+        logits = module(x)
+        top1.update(logits, y)
+        top5.update(logits, y)
+        dense.update(logits, y, i)
+    if dense.reference is None:
+        dense.keep_as_reference()
+    m = validation_results(top1, top5, dense)
+    return {"top1": m["top1_correct"], "top5": round(m["top5"] * m["labelled"]), "labelled": m["labelled"],
+            "agree_unl": m["agreement_unlabelled"], "agree_all": m["agreement"],
+            "unlabelled": m["images"] - m["labelled"]}
 
 
 def main() -> None:
@@ -113,51 +114,33 @@ def main() -> None:
     print(f"eval: {int((labels >= 0).sum())} labelled + {int((labels < 0).sum())} unlabelled images; "
           f"calibration: {len(calib)} draws from {len(dm.calibration_files)} files", flush=True)
 
-    dense_logits = predict(dense, images, args.batch_size)
-    dense_top1 = dense_logits.argmax(-1)
-    rows = [("dense", 0.0, 0.0, evaluate(dense_logits, labels, dense_top1))]
-
-    # Statistics from the dense forward, once (they do not depend on the ratio or the method).
+    agreement = Agreement()  # the dense top-1 of every image, compared against by every row
+    rows = [("dense", 0.0, 0.0, evaluate(dense, images, labels, args.batch_size, agreement))]
     targets = dense.all_targets()
-    t1 = time.perf_counter()
-    dense.eval()
-    with torch.no_grad(), collect_stats(targets) as stats, find_sinks(dense.model, targets) as sinks:
-        for x in calib.split(args.batch_size):
-            dense(x)
-    t_calib = time.perf_counter() - t1
-    stats = dict(stats)
-    names = {id(m): n for n, m in dense.named_modules()}
-    sink_names = {t: names[id(m)] for t, m in sinks.items()}  # re-found by name in each copy
-    print(f"{len(targets)} target layers, statistics from {len(calib)} images in {t_calib:.1f} s", flush=True)
+    print(f"{len(targets)} target layers", flush=True)
 
-    t_seq = 0.0
+    times = {False: 0.0, True: 0.0}  # pruning runs with statistics from the dense forward / sequential
     for method_name in args.methods:
         base = method_name.replace(" + bias correction", "")
         group = re.search(r" \[(row|layer)\]", base)
-        options = PruneOptions(granularity=group and group.group(1), bias_correction=base != method_name)
         sequential = " (sequential)" in base
         method = get_method(re.sub(r" \((sequential)\)| \[(row|layer)\]", "", base))
+        options = method.make_options(granularity=group and group.group(1))
         for ratio in args.ratios:
             module = copy.deepcopy(dense)
             mod_targets = module.all_targets()
-            spec = SparsitySpec.parse("unstructured", ratio)
-            if sequential:
-                t1 = time.perf_counter()
-                units, inputs = module.prunable_blocks(calib, "cpu")
-                prune_sequential(units, inputs, module.block_targets, method, spec, options, propagate=True,
-                                 progress=False)
-                t_seq += time.perf_counter() - t1
-                del inputs
-            else:
-                mods = dict(module.named_modules())
-                prune_layers(mod_targets, stats, method, spec, options, PruneResult(),
-                             {t: mods[n] for t, n in sink_names.items()})
-            res = evaluate(predict(module, images, args.batch_size), labels, dense_top1)
+            t1 = time.perf_counter()
+            units, inputs = module.prunable_blocks(calib, "cpu")
+            prune_sequential(units, inputs, module.block_targets, method, SparsitySpec.parse("unstructured", ratio),
+                             options, bias_correction=base != method_name, propagate=sequential, progress=False)
+            times[sequential] += time.perf_counter() - t1
+            del inputs
+            res = evaluate(module, images, labels, args.batch_size, agreement)
             rows.append((method_name, ratio, overall_sparsity(mod_targets), res))
             print(f"{method_name} {ratio:.0%}: {res}", flush=True)
             if args.bn_recalibration:
                 recalibrate_batchnorm(module, calib[: args.bn_recalibration], args.batch_size)
-                res = evaluate(predict(module, images, args.batch_size), labels, dense_top1)
+                res = evaluate(module, images, labels, args.batch_size, agreement)
                 rows.append((f"{method_name} + BN recalibration", ratio, overall_sparsity(mod_targets), res))
                 print(f"{method_name} + BN {ratio:.0%}: {res}", flush=True)
 
@@ -195,7 +178,7 @@ def main() -> None:
             f"{r['top5']}/{r['labelled']} ({r['top5'] / r['labelled']:.0%}) | {r['agree_unl']:.1%} | {r['agree_all']:.1%} |")
     lines += ["", f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads; total {time.perf_counter() - t0:.0f} s "
-              f"(dense calibration statistics {t_calib:.0f} s; sequential pruning runs {t_seq:.0f} s in all)."]
+              f"(pruning runs in all: with dense statistics {times[False]:.0f} s, sequential {times[True]:.0f} s)."]
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)

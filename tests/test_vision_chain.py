@@ -1,5 +1,6 @@
-"""Image classifiers on the block-sequential engine: the chain of blocks, checked against slow
-full-network implementations written here (no engine, one full forward per block)."""
+"""The timm family: which layers are targets, the chain of blocks, and the block-sequential engine
+on it, checked against slow full-network implementations written here (no engine, one full forward
+per block)."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,10 @@ import torch.nn as nn
 
 from wanda_pl.core.engine import prune_sequential
 from wanda_pl.core.hooks import collect_stats
-from wanda_pl.methods import PruneOptions, get_method
+from wanda_pl.methods import get_method
 from wanda_pl.core.sparsity import SparsitySpec
+
+from test_vision import TINY_VIT, _block_linears, _classifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -19,6 +22,82 @@ TINY = {
     "efficientnet": ("mobilenetv2_035", dict(), True),  # timm's EfficientNet class, as Lite0 (0.4M parameters)
     "resnet": ("resnet10t", dict(channels=(8, 16, 24, 32), stem_width=8), True),
 }
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@pytest.mark.parametrize("timm_name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+@pytest.mark.parametrize("convs", [False, True])
+def test_vit_deit_default_targets_are_the_block_linears(timm_name, convs):
+    kwargs = {k: v for k, v in TINY_VIT.items() if k != "pretrained"}
+    module = _classifier(timm_name, num_classes=5, convs=convs, model_kwargs=kwargs)
+    targets = module.all_targets()
+    assert set(targets) == _block_linears(2)
+    assert not any(n.startswith(("patch_embed", "head", "norm", "pos")) for n in targets)
+    for name in targets:  # names are relative to the timm model (what the Pruning callback resolves)
+        assert module.model.get_submodule(name) is targets[name]
+
+
+@pytest.mark.parametrize("convs", [False, True])
+@pytest.mark.parametrize("conv_mlp", [False, True])  # ConvNeXt-B: Linear pointwise layers; atto: 1x1 convs
+def test_convnext_default_targets_skip_stem_downsample_depthwise_and_head(convs, conv_mlp):
+    module = _classifier("convnext_atto", num_classes=5, convs=convs,
+                         model_kwargs=dict(depths=(1, 2, 1, 1), dims=(8, 16, 24, 32), conv_mlp=conv_mlp))
+    expected = {f"stages.{s}.blocks.{b}.mlp.{fc}" for s, n in enumerate((1, 2, 1, 1)) for b in range(n)
+                for fc in ("fc1", "fc2")}
+    assert set(module.all_targets()) == expected
+    names = dict(module.model.named_modules())
+    assert names["stages.0.blocks.0.conv_dw"].groups > 1  # depthwise: never a target
+    assert isinstance(names["stages.1.downsample.1"], nn.Conv2d) and names["stages.1.downsample.1"].groups == 1
+
+
+def test_efficientnet_convs_selects_pointwise_convs_only():
+    module = _classifier("efficientnet_b0", num_classes=5, convs=True)
+    targets = set(module.all_targets())
+    assert targets and all(n.startswith("blocks.") and n.rsplit(".", 1)[1] in ("conv_pw", "conv_pwl") for n in targets)
+    every_pw = {n for n, m in module.model.named_modules() if n.endswith((".conv_pw", ".conv_pwl"))}
+    assert targets == every_pw
+    assert "conv_stem" not in targets and "conv_head" not in targets and "classifier" not in targets
+    assert not any(".se." in n or "conv_dw" in n for n in targets)  # SE and depthwise convs stay dense
+    # Without convs there is nothing to prune in an EfficientNet, and the check says so.
+    from wanda_pl.callbacks import Pruning
+
+    plain = _classifier("efficientnet_b0", num_classes=5, convs=False)
+    assert plain.all_targets() == {}
+    with pytest.raises(ValueError, match="no prunable layers"):
+        Pruning().check(plain)
+
+
+def test_explicit_targets_and_ignore():
+    kwargs = {k: v for k, v in TINY_VIT.items() if k != "pretrained"}
+    module = _classifier("vit_tiny_patch16_224", num_classes=5, model_kwargs=kwargs,
+                         targets=[r"^head$", r"mlp\.fc1"], ignore=[r"^blocks\.1\."])
+    assert set(module.all_targets()) == {"head", "blocks.0.mlp.fc1"}
+    convs = _classifier("vit_tiny_patch16_224", num_classes=5, model_kwargs=kwargs, targets=[r"patch_embed\.proj"])
+    assert set(convs.all_targets()) == {"patch_embed.proj"}  # a conv named explicitly is allowed
+
+
+def test_convs_that_pad_at_run_time_are_skipped_unless_1x1():
+    """timm's TF-"same" ``Conv2dSame`` (and a string padding) pads each input by its size: a k x k
+    one cannot be unfolded from its static padding, a 1x1 one can (it pads nothing)."""
+    from timm.layers import Conv2dSame
+
+    from wanda_pl.families.timm import pads_at_run_time, select
+
+    block = nn.Module()
+    block.same3, block.same1 = Conv2dSame(4, 4, 3, stride=2), Conv2dSame(4, 4, 1)
+    block.string = nn.Conv2d(4, 4, 3, padding="same")
+    block.plain = nn.Conv2d(4, 4, 3, padding=1)
+    net = nn.Module()
+    net.blocks = nn.Sequential(block)
+    assert [pads_at_run_time(m) for m in (block.same3, block.same1, block.string, block.plain)] == [True, True, True, False]
+    assert set(select(net, "", None, (), True)) == {"blocks.0.same1", "blocks.0.plain"}
+    assert set(select(net, "", [r"same3", r"plain"], (), False)) == {"blocks.0.plain"}  # asked for: still skipped
+    assert select(net, "", None, (), False) == {}  # convs not asked for
+
+
+# --------------------------------------------------------------------------- the chain
 
 
 def _module(family, **kw):
@@ -58,7 +137,7 @@ def slow_prune(module, images, method, spec, propagate):
                 source(module_normalize(module, batch))
         for name, layer in targets.items():
             w = layer.weight.detach().reshape(layer.weight.shape[0], -1).float()
-            mask, _ = m(w, stats[name], spec, PruneOptions())
+            mask, _ = m(w, stats[name], spec)
             with torch.no_grad():
                 layer.weight.masked_fill_(mask.reshape(layer.weight.shape), 0)
             masks[name] = mask.reshape(layer.weight.shape)
@@ -66,14 +145,14 @@ def slow_prune(module, images, method, spec, propagate):
 
 
 def module_normalize(module, batch):
-    from wanda_pl.modules.classifier import normalize
+    from wanda_pl.families.timm import normalize
 
     return normalize(batch, module.pixel_mean, module.pixel_std)
 
 
 def engine_prune(module, images, method, spec, propagate):
     units, inputs = module.prunable_blocks(images)
-    return prune_sequential(units, inputs, module.block_targets, get_method(method), spec, PruneOptions(),
+    return prune_sequential(units, inputs, module.block_targets, get_method(method), spec,
                             propagate=propagate, progress=False).masks
 
 
@@ -122,7 +201,7 @@ def test_targets_outside_the_chain_fall_back_to_one_dense_unit():
 
 
 def test_a_model_that_is_not_a_chain_is_detected():
-    from wanda_pl.modules.classifier import chain_problem
+    from wanda_pl.families.timm import chain_problem
 
     class Skip(nn.Module):  # block 1 takes the network input, not block 0's output
         def __init__(self):
@@ -175,7 +254,7 @@ def test_bias_correction_restores_every_batchnorm_mean_in_an_efficientnet():
             feeds[f"{name}.conv_pw"] = f"{name}.bn2"
     units, inputs = module.prunable_blocks(images)
     prune_sequential(units, inputs, module.block_targets, get_method("wanda"), SparsitySpec.parse("unstructured", 0.5),
-                     PruneOptions(bias_correction=True), propagate=False, progress=False)
+                     bias_correction=True, propagate=False, progress=False)
     targets = module.all_targets()
     assert set(targets) == set(feeds)
 

@@ -5,18 +5,16 @@ Layout of ``root``::
     root/train/...            calibration images (any depth: class folders or flat; labels unused)
     root/val/<class>/<image>  evaluation images, labelled by their folder
 
-Class folders are either integer class indices (``val/243/x.jpg``), WordNet ids of ImageNet-1k
-(``val/n02108422/x.JPEG``, mapped to the standard ImageNet index: the sorted list of the 1000
-synsets) or, for any other dataset, arbitrary names numbered in sorted order (torchvision's
-``ImageFolder`` rule). ``unlabelled`` adds a folder of extra images (any depth) that are
-evaluated for *agreement with the dense model* only (label -1).
+Class folders are integer class indices, ImageNet-1k WordNet ids or any names in sorted order
+(:mod:`wanda_pl.data.image_files`, which finds and loads the files). ``unlabelled`` adds a folder
+of extra images (any depth) that are evaluated for *agreement with the dense model* only (label -1).
 
 Transforms: both calibration and evaluation use the model's own EVAL transform
 (``timm.data.resolve_data_config`` + ``create_transform(is_training=False)``: resize, center crop).
 The reference passed its 4096 calibration images through the *training* augmentation (random
 resized crops, flips); we calibrate on what the model sees at test time, deterministically. Images
 leave this module as uint8 pixel tensors (N, 3, H, W): 4x smaller than floats; the model's
-``Normalize`` (mean/std) is applied by the :class:`~wanda_pl.modules.classifier.Classifier`,
+``Normalize`` (mean/std) is applied by the model (:func:`wanda_pl.families.timm.normalize`),
 exactly as ``ToTensor`` + ``Normalize`` would.
 
 Calibration draws ``nsamples`` images **with replacement** (as the reference) from the calibration
@@ -26,110 +24,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from .image_files import (IMAGE_EXTENSIONS, ImageDataset, labelled_images, list_images, load_image, pixel_transform,
+                          resolve_root)
 from .text_module import shard
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-_TENSOR_STEPS = ("ToTensor", "MaybeToTensor", "PILToTensor", "MaybePILToTensor", "ToNumpy")
-
-
-def list_images(folder: Path) -> List[Path]:
-    """Every image file below ``folder`` (any depth), sorted by relative path."""
-    return sorted((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-                  key=lambda p: str(p.relative_to(folder)))
-
-
-def resolve_root(root: str, what: str) -> Path:
-    """A local folder, or the name of an embedded image asset (``imagenet-photos``, ``natural-images``)."""
-    path = Path(root).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"data.{what} {root!r} is not a folder")
-        return path
-    from .assets import REGISTRY, _load_asset_modules, ensure
-
-    _load_asset_modules()
-    if root in REGISTRY:
-        return Path(ensure(root))
-    raise FileNotFoundError(f"data.{what} {root!r} is neither an existing folder nor an embedded image asset "
-                            f"({', '.join(n for n in ('imagenet-photos', 'natural-images') if n in REGISTRY)})")
-
-
-def class_indices(names: Sequence[str]) -> Tuple[Dict[str, int], str]:
-    """Map class-folder names to class indices, and say which rule was used."""
-    names = sorted(names)
-    if all(n.isdigit() for n in names):
-        return {n: int(n) for n in names}, "integer class indices"
-    try:
-        from timm.data import ImageNetInfo
-
-        synsets = ImageNetInfo().label_names()
-    except Exception:  # pragma: no cover - timm without its ImageNet info
-        synsets = []
-    index = {s: i for i, s in enumerate(synsets)}
-    if names and all(n in index for n in names):
-        return {n: index[n] for n in names}, "ImageNet-1k WordNet ids"
-    return {n: i for i, n in enumerate(names)}, "sorted folder names"
-
-
-def labelled_images(folder: Path) -> Tuple[List[Tuple[Path, int]], str]:
-    """(image, class index) for every image in ``folder/<class>/``."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"{folder} has no class folders; expected {folder}/<class>/<image>")
-    mapping, rule = class_indices(classes)
-    items = [(img, mapping[c]) for c in classes for img in list_images(folder / c)]
-    return items, rule
-
-
-def pixel_transform(data_config: Dict[str, Any]) -> Callable:
-    """The model's timm eval transform up to (not including) ToTensor/Normalize, then uint8 pixels."""
-    from timm.data import create_transform
-    from torchvision import transforms as T
-
-    full = create_transform(**data_config, is_training=False)
-    steps = list(getattr(full, "transforms", [full]))
-    cut = next((i for i, s in enumerate(steps) if type(s).__name__ in _TENSOR_STEPS), None)
-    if cut is None:
-        raise ValueError(f"unexpected timm eval transform (no ToTensor step): {full}")
-    rest = [type(s).__name__ for s in steps[cut + 1:]]
-    if rest not in ([], ["Normalize"]):
-        raise ValueError(f"unexpected steps after ToTensor in the timm eval transform: {rest}")
-    return T.Compose(steps[:cut] + [T.PILToTensor()])
-
-
-def load_image(path: Path, transform: Callable) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        x = transform(im.convert("RGB"))
-    if x.dtype != torch.uint8 or x.dim() != 3 or x.shape[0] != 3:
-        raise ValueError(f"transform of {path} gave {x.dtype} {tuple(x.shape)}, expected uint8 (3, H, W)")
-    return x
-
-
-class ImageDataset(Dataset):
-    """(uint8 image (3, H, W), label (-1 = unlabelled), index) for each item."""
-
-    def __init__(self, items: Sequence[Tuple[Path, int]], transform: Callable, indices: Optional[Sequence[int]] = None):
-        self.items = list(items)
-        self.transform = transform
-        self.indices = list(range(len(self.items))) if indices is None else list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        idx = self.indices[i]
-        path, label = self.items[idx]
-        return load_image(path, self.transform), label, idx
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -162,12 +67,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         evaluation_split: str = "val",
     ) -> None:
         super().__init__()
-        if nsamples < 1:
-            raise ValueError(f"data.nsamples must be >= 1, got {nsamples}")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        for name, value, least in (("nsamples", nsamples, 1), ("batch_size", batch_size, 1),
+                                   ("num_workers", num_workers, 0)):
+            if value < least:
+                raise ValueError(f"data.{name} must be >= {least}, got {value}")
         if max_eval_images is not None and max_eval_images < 1:
             raise ValueError(f"data.max_eval_images must be >= 1 or null, got {max_eval_images}")
         self.root, self.unlabelled = root, unlabelled
@@ -184,6 +87,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._calib_draw: Optional[torch.Tensor] = None
 
     # --- connecting to the model ---
+    def setup(self, stage: str) -> None:
+        # Lightning's hook: a datamodule nobody prepared gets the trainer's module.
+        if self.transform is None and self.trainer is not None:
+            self.prepare_for(self.trainer.lightning_module)
+
     def connect(self, data_config: Dict[str, Any], num_classes: Optional[int] = None) -> None:
         """Late facts from the model: its timm data config (input size, crop, interpolation) and class count."""
         if self.data_config is not None and dict(self.data_config) != dict(data_config):
@@ -197,10 +105,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.connect(module.data_config, getattr(module, "num_classes", None))
         self.evaluation_items()
         self._calibration_files()
-
-    def setup(self, stage: str) -> None:
-        if self.transform is None and self.trainer is not None:
-            self.prepare_for(self.trainer.lightning_module)
 
     def _need_transform(self) -> None:
         if self.transform is None:
