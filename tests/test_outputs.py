@@ -78,7 +78,7 @@ def test_a_folder_with_files_we_did_not_write_is_refused_and_kept_byte_for_byte(
     FOREIGN[case](out)
     before = snapshot(out)
     with pytest.raises(OutputDirError) as err:
-        with staged_dir(out, command="prune") as stage:
+        with staged_dir(out, command="prune"):
             raise AssertionError("the body must not run")  # pragma: no cover
     message = str(err.value)
     assert str(out) in message and "choose a new folder" in message and "remove" in message

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from .image_files import (IMAGE_EXTENSIONS, ImageDataset, labelled_images, list_images, load_image, pixel_transform,
                           resolve_root)
-from .text_module import shard
+from .common import check_at_least, my_share
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         evaluation_split: str = "val",
     ) -> None:
         super().__init__()
-        for name, value, least in (("nsamples", nsamples, 1), ("batch_size", batch_size, 1),
-                                   ("num_workers", num_workers, 0)):
-            if value < least:
-                raise ValueError(f"data.{name} must be >= {least}, got {value}")
-        if max_eval_images is not None and max_eval_images < 1:
-            raise ValueError(f"data.max_eval_images must be >= 1 or null, got {max_eval_images}")
+        check_at_least(nsamples=(nsamples, 1), batch_size=(batch_size, 1), num_workers=(num_workers, 0),
+                       max_eval_images=(max_eval_images, (1, None)))
         self.root, self.unlabelled = root, unlabelled
         self.nsamples, self.seed, self.batch_size, self.num_workers = nsamples, seed, batch_size, num_workers
         self.max_eval_images = max_eval_images
@@ -175,15 +171,10 @@ class ImageFolderDataModule(L.LightningDataModule):
     calibration_data = calibration_images  # the name the calibration callback asks every datamodule for
 
     # --- evaluation ---
-    def _rank_world(self) -> Tuple[int, int]:
-        t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
-
     def val_dataloader(self) -> DataLoader:
         self._need_transform()
         items = self.evaluation_items()
-        rank, world = self._rank_world()
-        ds = ImageDataset(items, self.transform, list(shard(len(items), rank, world)))
+        ds = ImageDataset(items, self.transform, my_share(len(items), self.trainer))
         return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
@@ -196,8 +187,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         items, rule = labelled_images(folder)
         if self.num_classes is not None and items and max(label for _, label in items) >= self.num_classes:
             raise ValueError(f"{folder} has more classes ({rule}) than the model ({self.num_classes})")
-        rank, world = self._rank_world()
-        ds = ImageDataset(items, self.transform, list(shard(len(items), rank, world)))
+        ds = ImageDataset(items, self.transform, my_share(len(items), self.trainer))
         gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=True, generator=gen, num_workers=self.num_workers)
 

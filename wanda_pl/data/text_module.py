@@ -8,15 +8,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from .common import check_at_least, my_share
 from .text import calibration_windows, evaluation_windows, load_text
 
 log = logging.getLogger(__name__)
-
-
-def shard(n: int, rank: int, world: int) -> range:
-    """Items ``rank, rank + world, ...``: every item on exactly one rank, none repeated (a
-    DistributedSampler pads with duplicates, which would bias a perplexity)."""
-    return range(rank, n, world)
 
 
 class TextDataModule(L.LightningDataModule):
@@ -43,14 +38,8 @@ class TextDataModule(L.LightningDataModule):
         batch_size: int = 1,
     ) -> None:
         super().__init__()
-        if nsamples < 1:
-            raise ValueError(f"data.nsamples must be >= 1, got {nsamples}")
-        if seqlen < 2:
-            raise ValueError(f"data.seqlen must be >= 2, got {seqlen}")
-        if max_eval_windows is not None and max_eval_windows < 1:
-            raise ValueError(f"data.max_eval_windows must be >= 1 or null, got {max_eval_windows}")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        check_at_least(nsamples=(nsamples, 1), seqlen=(seqlen, 2), max_eval_windows=(max_eval_windows, (1, None)),
+                       batch_size=(batch_size, 1))
         self.calibration, self.evaluation = calibration, evaluation
         self.nsamples, self.seqlen, self.seed = nsamples, seqlen, seed
         self.max_eval_windows, self.batch_size = max_eval_windows, batch_size
@@ -96,24 +85,19 @@ class TextDataModule(L.LightningDataModule):
             self._eval = evaluation_windows(text, self.tokenizer, self.seqlen, self.max_eval_windows)
         return self._eval
 
-    def _rank_world(self):
-        t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
-
     def val_dataloader(self) -> DataLoader:
         ids = self.evaluation_ids()
-        rank, world = self._rank_world()
+        world = self.trainer.world_size if self.trainer is not None else 1
         if len(ids) < world:
             # A rank without batches skips validation and the others would wait for it forever.
             raise ValueError(f"{len(ids)} evaluation windows cannot be shared by {world} processes; "
                              "give more evaluation text, a shorter seqlen or fewer devices")
-        idx = torch.tensor(list(shard(len(ids), rank, world)), dtype=torch.long)
+        idx = torch.tensor(my_share(len(ids), self.trainer), dtype=torch.long)
         return DataLoader(TensorDataset(ids[idx]), batch_size=self.batch_size, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
         ids = self.calibration_ids()
-        rank, world = self._rank_world()
-        idx = torch.tensor(list(shard(len(ids), rank, world)), dtype=torch.long)
+        idx = torch.tensor(my_share(len(ids), self.trainer), dtype=torch.long)
         gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(TensorDataset(ids[idx]), batch_size=self.batch_size, shuffle=True, generator=gen)
 

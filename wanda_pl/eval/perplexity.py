@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..modules.common import all_reduce
+from ..core.distributed import all_reduce_sum
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ class PerplexitySums:
 
     def compute(self) -> Optional[float]:
         """The perplexity over every rank's windows; None when no rank saw any."""
-        total, count = all_reduce(self.nll.clone()), all_reduce(self.windows.clone())
+        total, count = all_reduce_sum(self.nll.clone()), all_reduce_sum(self.windows.clone())
         return None if float(count) == 0 else math.exp(float(total) / float(count))
 
 

@@ -16,7 +16,7 @@ from ..core.hooks import BlockInput
 from ..core.layers import select_targets
 from ..eval.perplexity import PerplexitySums, window_nll
 from ..families.hf_causal import capture_block_inputs, load_causal_lm, named_blocks, save_causal_lm
-from .common import adamw
+from .common import adamw, record_train_loss, trainable_params
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,7 @@ class CausalLM(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         (ids,) = batch
-        loss = window_nll(self(ids), ids).mean()
-        self.log("train_loss", loss, prog_bar=True)
-        self.train_losses.append(loss.detach())
-        return loss
+        return record_train_loss(self, window_nll(self(ids), ids).mean())
 
     def configure_optimizers(self):
         return adamw(self.model, self.hparams.learning_rate, self.hparams.weight_decay)
@@ -198,7 +195,7 @@ class CausalLM(L.LightningModule):
                        lora_targets=list(hp.lora_targets))
         else:
             out["trainable"] = hp.trainable
-        out["trainable_params"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        out["trainable_params"] = trainable_params(self.model)
         return out
 
     def save_adapter(self, folder, extra: Optional[Dict[str, Any]] = None) -> None:

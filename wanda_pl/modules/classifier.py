@@ -22,7 +22,7 @@ from ..core.hooks import BlockInput
 from ..eval.vision import Agreement, top_k_accuracy, validation_results
 from ..families import timm as family
 from ..families import timm_build
-from .common import adamw
+from .common import adamw, record_train_loss, trainable_params
 
 
 class Classifier(L.LightningModule):
@@ -174,14 +174,11 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels, _ = batch
-        loss = F.cross_entropy(self(images), labels.long(), ignore_index=-1)
-        self.log("train_loss", loss, prog_bar=True)
-        self.train_losses.append(loss.detach())
-        return loss
+        return record_train_loss(self, F.cross_entropy(self(images), labels.long(), ignore_index=-1))
 
     def finetune_describe(self) -> Dict[str, Any]:
         """Always full fine-tuning (every parameter that requires a gradient), with the shared AdamW."""
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        trainable = trainable_params(self.model)
         return {"finetune": "full", "learning_rate": self.hparams.learning_rate,
                 "weight_decay": self.hparams.weight_decay, "trainable_params": trainable}
 
