@@ -48,6 +48,7 @@ def test_a_new_method_runs_through_the_callback_and_the_engine(in_the_table, tin
     trainer = SimpleNamespace(callbacks=[calibration], is_global_zero=True, datamodule=None)
     pruning = Pruning("column_norm", sparsity_ratio=0.5)
     assert pruning.options == ColumnNormOptions() and pruning.describe()["method"] == "column_norm"
+    assert pruning.describe()["method_options"] == {"granularity": None, "power": 1.0}  # in every report
     outcome = pruning.prune(trainer, module)
     assert set(outcome.masks) == set(targets) and all(s == SparsitySpec(0.5) for s in outcome.plan.values())
     for name, m in targets.items():

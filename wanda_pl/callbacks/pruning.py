@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -44,7 +44,6 @@ class PruneOutcome:
     forward_s: float = 0.0  # calibration forwards (pass 1 and 2)
     method_s: float = 0.0  # mask + weight-update computation only (how the paper timed methods)
     total_s: float = 0.0  # from the calibration data to the last block
-    extra: Dict[str, float] = field(default_factory=dict)
 
 
 class Pruning(Callback):
@@ -113,6 +112,7 @@ class Pruning(Callback):
             "use_variant": self.knobs["use_variant"], "bias_correction": self.bias_correction,
             "granularity": self.knobs["granularity"] or self.method.default_granularity,
             **hessian,
+            "method_options": self.method.describe_options(self.options),  # all the method itself reads
             **({"masks_from": self.masks_from} if self.masks_from is not None else {}),
         }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional
 
 from .outputs import staged_dir
 from .report import peak_memory, versions
@@ -49,8 +49,3 @@ def environment(trainer) -> Dict[str, Any]:
     """The report's ``environment`` section."""
     return {"peak_memory_mb": peak_memory(), "devices": trainer.world_size, "versions": versions()}
 
-
-def timed(fn, *args, **kwargs) -> Tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
