@@ -83,6 +83,16 @@ def one_torch_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture
+def single_thread():
+    """One torch thread for this test only, as in worker processes (bitwise-comparable results);
+    restored afterwards, so later tests (the mask fixture's) see the thread count they expect."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -130,10 +130,9 @@ def _nll(module, dm) -> float:
 
 
 @pytest.mark.slow
-def test_fsdp2_two_processes_keep_the_masks(uneven_llama, text_file, tmp_path):
+def test_fsdp2_two_processes_keep_the_masks(uneven_llama, text_file, tmp_path, single_thread):
     from wanda_pl.modules.causal_lm import CausalLM
 
-    torch.set_num_threads(1)
     reference = CausalLM(str(uneven_llama))
     gen = torch.Generator().manual_seed(0)
     masks = {n: torch.rand(m.weight.shape, generator=gen) < 0.5 for n, m in reference.all_targets().items()}

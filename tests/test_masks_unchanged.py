@@ -15,6 +15,7 @@ FIXTURE = json.loads(mask_hashes.FIXTURE.read_text())
 def test_fixture_covers_every_setting_and_every_layer():
     assert set(FIXTURE["hashes"]) == set(mask_hashes.SETTINGS) == {"magnitude", "wanda", "wanda_2:4", "sparsegpt"}
     assert FIXTURE["settings"]["common"] == mask_hashes.COMMON  # the settings the hashes were made with
+    assert FIXTURE["settings"]["threads"] == mask_hashes.THREADS
     for setting, layers in FIXTURE["hashes"].items():
         assert len(layers) == 30 * 7, setting  # SmolLM2-135M: 30 blocks x 7 linear layers
     assert len({tuple(h.values()) for h in FIXTURE["hashes"].values()}) == 4  # four different mask sets
