@@ -14,36 +14,25 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from ..core import correction
-from ..core.engine import check_targets, needs_activations, prune_sequential
+from ..core.allocation import check as allocation_check
+from ..core.allocation import owl_plan, profile_plan
+from ..core.engine import PruneResult, check_targets, needs_activations, prune_sequential
 from ..core.plan import uniform
 from ..core.sparsity import SparsitySpec
 from ..methods import check_knobs, get_method
-from ..training.masks import check_strategy, masks_from
-from ..training.sharding import full, is_dtensor, is_sharded, local, local_mask
+from ..training.masks import check_strategy, masks_from, with_zeros
+from ..training.sharding import is_dtensor, is_sharded, local, local_mask
 from .calibration import Calibration
 from .lookup import find_callback
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PruneOutcome:
-    """What one pruning produced: the masks, the sparsity each layer was given, and the times."""
-
-    masks: Dict[str, torch.Tensor]
-    plan: Dict[str, SparsitySpec]
-    calibration_data_s: float = 0.0  # getting the calibration inputs
-    forward_s: float = 0.0  # calibration forwards (pass 1 and 2)
-    method_s: float = 0.0  # mask + weight-update computation only (how the paper timed methods)
-    total_s: float = 0.0  # from the calibration data to the last block
 
 
 class Pruning(Callback):
@@ -60,6 +49,12 @@ class Pruning(Callback):
             weigh activations about their mean (magnitude calibrates too). For conv nets with
             BatchNorm (EfficientNet) and models whose layers have biases (ViT, OPT); LLaMA-style
             bias-free linears cannot take it and are refused.
+        allocation: how the ratio is spread over the blocks: ``uniform``, ``owl`` (blocks with more
+            outlier scores pruned less, from a dense statistics pass) or ``profile``; unstructured only.
+        owl_m: OWL's outlier threshold, in multiples of a block's mean Wanda score.
+        owl_lambda: OWL's spread: the blocks' sparsities span ``2 * owl_lambda`` around ``sparsity_ratio``.
+        profile: with ``allocation: profile``: a sparsity per block (a list) or per layer (regex ->
+            ratio), averaging ``sparsity_ratio`` over the prunable weights.
         enabled: prune when validation or fitting starts (``prune`` turns it on after the dense baseline).
         masks_from: take the masks instead of computing them: ``zeros`` (the zeros of an already pruned
             model, e.g. ``--model.name_or_path outputs/x/model``) or a mask file (``masks.pt`` from
@@ -77,6 +72,10 @@ class Pruning(Callback):
         blocksize: int = 128,
         percdamp: float = 0.01,
         bias_correction: bool = False,
+        allocation: str = "uniform",
+        owl_m: float = 5.0,
+        owl_lambda: float = 0.08,
+        profile: Optional[Union[List[float], Dict[str, float]]] = None,
         enabled: bool = False,
         masks_from: Optional[str] = None,
     ) -> None:
@@ -89,6 +88,8 @@ class Pruning(Callback):
         check_knobs(**self.knobs)  # every knob, whether or not this method reads it: a typo must not wait
         self.options = self.method.make_options(**self.knobs)
         self.bias_correction = bias_correction
+        allocation_check(allocation, self.spec, owl_m, owl_lambda, profile)
+        self.allocation, self.owl_m, self.owl_lambda, self.profile = allocation, owl_m, owl_lambda, profile
         if masks_from is not None and masks_from != "zeros":
             path = Path(masks_from)
             if not (path / "masks.pt" if path.is_dir() else path).is_file():
@@ -102,7 +103,7 @@ class Pruning(Callback):
         self._live: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._handles: list = []
         self.masks: Dict[str, torch.Tensor] = {}
-        self.outcome: Optional[PruneOutcome] = None  # set by prune(), read by the commands
+        self.outcome: Optional[PruneResult] = None  # set by prune(), read by the commands
 
     def describe(self) -> dict:
         """The report's ``method`` section."""
@@ -113,24 +114,34 @@ class Pruning(Callback):
             "granularity": self.knobs["granularity"] or self.method.default_granularity,
             **hessian,
             "method_options": self.method.describe_options(self.options),  # all the method itself reads
+            "allocation": self.allocation,
+            **({"owl_m": self.owl_m, "owl_lambda": self.owl_lambda} if self.allocation == "owl" else {}),
+            **({"profile": self.profile} if self.allocation == "profile" else {}),
             **({"masks_from": self.masks_from} if self.masks_from is not None else {}),
         }
 
-    def plan(self, targets: Dict[str, torch.nn.Module]) -> Dict[str, SparsitySpec]:
-        """The sparsity of every target: ``sparsity_ratio`` / ``sparsity_type`` for all of them."""
-        return uniform(self.spec, targets)
+    def plan(self, pl_module, blocks, inputs=(), store_device="cpu", progress=False) -> Dict[str, SparsitySpec]:
+        """The sparsity of every target of ``blocks`` (OWL: from a dense pass over ``inputs``)."""
+        if self.allocation == "owl":
+            return owl_plan(blocks, list(inputs), pl_module.block_targets, self.spec.ratio, self.owl_m,
+                            self.owl_lambda, store_device, progress)
+        targets = {name: pl_module.block_targets(name, block) for name, block in blocks}
+        if self.allocation == "profile":
+            return profile_plan(self.profile, targets, self.spec.ratio)
+        return uniform(self.spec, [n for t in targets.values() for n in t])
 
     def check(self, pl_module) -> None:
-        """Fail early when a layer cannot take the sparsity (e.g. M does not divide its width), or the
-        bias correction has nowhere to go."""
+        """Fail early when a layer cannot take the sparsity (e.g. M does not divide its width), the
+        profile does not fit the model, or the bias correction has nowhere to go."""
         targets = pl_module.all_targets()
-        check_targets(targets, self.plan(targets))
+        blocks, _ = pl_module.prunable_blocks(None)
+        check_targets(targets, uniform(self.spec, targets) if self.allocation == "owl" else self.plan(pl_module, blocks))
         if self.bias_correction:
             correction.check_possible(targets, [pl_module])
 
     @property
     def needs_activations(self) -> bool:
-        return needs_activations(self.method, self.bias_correction)
+        return needs_activations(self.method, self.bias_correction) or self.allocation == "owl"
 
     # --- computing masks ---
     @contextmanager
@@ -143,7 +154,7 @@ class Pruning(Callback):
         finally:
             self.enabled = was
 
-    def prune(self, trainer, pl_module) -> PruneOutcome:
+    def prune(self, trainer, pl_module) -> PruneResult:
         """Calibrate and prune ``pl_module`` block by block with the one engine; masks applied."""
         calib = find_callback(trainer, Calibration) or Calibration()
         t0 = time.perf_counter()
@@ -151,15 +162,18 @@ class Pruning(Callback):
         t1 = time.perf_counter()
         store = calib.device_for(pl_module)
         blocks, inputs = pl_module.prunable_blocks(data, store)
-        targets = pl_module.all_targets()
+        t_plan = time.perf_counter()
+        plan = self.plan(pl_module, blocks, inputs, store, trainer.is_global_zero)
+        t_plan = time.perf_counter() - t_plan  # OWL's dense statistics pass: calibration forwards too
         result = prune_sequential(
-            blocks, inputs, pl_module.block_targets, self.method, self.plan(targets), self.options,
+            blocks, inputs, pl_module.block_targets, self.method, plan, self.options,
             bias_correction=self.bias_correction, propagate=calib.propagate, store_device=store,
             progress=trainer.is_global_zero,
         )
         self.masks, self.masks_source = result.masks, "pruned"
-        self.outcome = PruneOutcome(result.masks, result.plan, t1 - t0, result.time_forward_s, result.time_metric_s,
-                                    time.perf_counter() - t1)
+        result.calibration_data_s, result.total_s = t1 - t0, time.perf_counter() - t1
+        result.forward_s += t_plan if self.allocation == "owl" else 0.0
+        self.outcome = result
         return self.outcome
 
     @property
@@ -215,7 +229,7 @@ class Pruning(Callback):
         # Masks made under a validation's inference mode cannot enter autograd (the masked LoRA update).
         self.masks = {k: v.clone() if v.is_inference() else v for k, v in self.masks.items()}
         self.apply(pl_module)
-        self._freeze_zeros(pl_module)
+        self.masks = with_zeros(self.masks, pl_module.model)
         pl_module.set_masks(self.masks)
         self.start_sparsity = _sparsity(pl_module)
         self._remove_hooks()
@@ -225,19 +239,6 @@ class Pruning(Callback):
             # gradient accumulation, manual optimization or several optimizers alike.
             self._handles = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
         log.info("keeping %d masks (%d trainable layers) while fitting", len(self.masks), len(self._live))
-
-    @torch.no_grad()
-    def _freeze_zeros(self, pl_module) -> None:
-        """A kept weight that is exactly zero when fitting starts (trained checkpoints hold a few) joins
-        its mask: fine-tuning then keeps every zero, and the sparsity after equals the sparsity before."""
-        extra = 0
-        for name, mask in self.masks.items():
-            zeros = (full(pl_module.model.get_submodule(name).weight) == 0).cpu()
-            if (zeros & ~mask).any():
-                extra += int((zeros & ~mask).sum())
-                self.masks[name] = mask | zeros
-        if extra:
-            log.info("%d kept weights are exactly zero: they stay zero too", extra)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._remove_hooks()

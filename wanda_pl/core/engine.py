@@ -14,6 +14,7 @@ statistics about the input mean, and each layer's lost mean output is put back
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import nullcontext
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import correction
 from .hooks import BlockInput, collect_stats
+from .stats import LayerStats
 from ..methods.base import Method
 from .plan import Plan, plan_for
 from .sparsity import SparsitySpec
@@ -38,10 +40,14 @@ TargetsFn = Callable[[str, nn.Module], Dict[str, nn.Module]]
 
 @dataclass
 class PruneResult:
+    """What one pruning produced: the masks, the sparsity each layer was given, and the times."""
+
     masks: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> bool, shaped like module.weight
     plan: Dict[str, SparsitySpec] = field(default_factory=dict)  # name -> the sparsity it was given
-    time_metric_s: float = 0.0  # mask + weight-update computation only (how the paper timed methods)
-    time_forward_s: float = 0.0
+    method_s: float = 0.0  # mask + weight-update computation only (how the paper timed methods)
+    forward_s: float = 0.0  # calibration forwards (pass 1 and 2)
+    calibration_data_s: float = 0.0  # getting the calibration inputs (set by the caller)
+    total_s: float = 0.0  # from the calibration data to the last block (set by the caller)
 
 
 def check_targets(targets: Dict[str, nn.Module], plan: Union[SparsitySpec, Plan]) -> Dict[str, SparsitySpec]:
@@ -86,7 +92,7 @@ def prune_layers(
         mask, new_w = method(w.detach().float(), st, plan[name], options)
         if w.is_cuda:
             torch.cuda.synchronize(w.device)
-        result.time_metric_s += time.perf_counter() - t0
+        result.method_s += time.perf_counter() - t0
         with torch.no_grad():
             if new_w is not None:
                 w.copy_(new_w.to(w.dtype))
@@ -131,15 +137,39 @@ def prune_sequential(
         finding = correction.find_sinks(block, targets) if bias_correction else nullcontext(None)
         with torch.no_grad(), collect_stats(targets, method.needs_hessian) as stats, finding as sinks:
             outs = [inp.call(block, device).to(store_device) for inp in inputs]
-        result.time_forward_s += time.perf_counter() - t0
+        result.forward_s += time.perf_counter() - t0
         prune_layers(targets, stats, method, {n: plan[n] for n in targets}, options, result, sinks, bias_correction)
         del stats
         if propagate:
             t0 = time.perf_counter()
             with torch.no_grad():
                 outs = [inp.call(block, device).to(store_device) for inp in inputs]
-            result.time_forward_s += time.perf_counter() - t0
+            result.forward_s += time.perf_counter() - t0
         for inp, out in zip(inputs, outs):
             inp.hidden = out
         bar.set_postfix_str(name)
     return result
+
+
+def dense_pass(
+    blocks: Sequence[Tuple[str, nn.Module]],
+    inputs: List[BlockInput],
+    targets_fn: TargetsFn,
+    on_block: Callable[[str, Dict[str, nn.Module], Dict[str, LayerStats]], None],
+    *,
+    store_device="cpu",
+    progress: bool = True,
+    desc: str = "dense statistics",
+) -> None:
+    """Run every block once on the dense model's own activations, with statistics hooks on its
+    targets, and give each block's statistics to ``on_block``: what an allocation (OWL) weighs
+    before anything is pruned. ``inputs`` are left as they are, for the pruning pass after."""
+    current = [dataclasses.replace(inp) for inp in inputs]
+    for name, block in tqdm(blocks, desc=desc, disable=not progress):
+        targets = targets_fn(name, block)
+        device = _device(block, store_device)
+        with torch.no_grad(), collect_stats(targets) as stats:
+            outs = [inp.call(block, device).to(store_device) for inp in current]
+        on_block(name, targets, stats)
+        for inp, out in zip(current, outs):
+            inp.hidden = out

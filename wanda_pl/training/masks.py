@@ -54,6 +54,21 @@ def masks_from(source: str, targets: Mapping[str, nn.Module]) -> Dict[str, torch
     return load_masks(source, {name: m.weight for name, m in targets.items()})
 
 
+@torch.no_grad()
+def with_zeros(masks: Mapping[str, torch.Tensor], network: nn.Module) -> Dict[str, torch.Tensor]:
+    """``masks`` grown by the kept weights that are exactly zero (trained checkpoints hold a few):
+    fine-tuning then keeps every zero, and the sparsity after equals the sparsity before."""
+    out, extra = dict(masks), 0
+    for name, mask in masks.items():
+        zeros = (full(network.get_submodule(name).weight) == 0).cpu()
+        if (zeros & ~mask).any():
+            extra += int((zeros & ~mask).sum())
+            out[name] = mask | zeros
+    if extra:
+        log.info("%d kept weights are exactly zero: they stay zero too", extra)
+    return out
+
+
 def check_strategy(trainer) -> None:
     """The masks are edited by layer name on whole weights, or on DTensor shards cut as the weights
     are (ModelParallelStrategy / FSDP2); FSDP1 and DeepSpeed hold flat shards mixing several weights."""
