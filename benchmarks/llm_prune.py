@@ -3,6 +3,8 @@ embedded SmolLM2-135M and held-out Wikipedia text: the shape of the paper's Tabl
 
     python benchmarks/llm_prune.py                       # Table 2 methods at 50%, 4:8, 2:4
     python benchmarks/llm_prune.py --ablations           # + sparsegpt and the four OBS ablations
+    python benchmarks/llm_prune.py --types unstructured --ratios 0.5 0.6 0.7 --allocations uniform owl
+                                                         # OWL's allocation against uniform
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="+", default=None, help="default: magnitude wanda (+ sparsegpt if available)")
     ap.add_argument("--types", nargs="+", default=["unstructured", "4:8", "2:4"])
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.5], help="unstructured sparsity ratios")
+    ap.add_argument("--allocations", nargs="+", default=["uniform"], help="uniform | owl (unstructured rows)")
     ap.add_argument("--ablations", action="store_true", help="add sparsegpt and the four OBS-update ablations at 50%%")
     ap.add_argument("--plan", nargs="+", metavar="METHOD/TYPE",
                     help="exactly these rows instead (e.g. wanda/2:4 ablate_mag_seq/unstructured): to fill in a table")
@@ -40,26 +44,33 @@ def main() -> None:
     runner = Runner(module, dm)
     t0 = time.perf_counter()
     dense = runner.dense_metrics()["ppl"]
-    rows = [f"| dense | - | {dense:.2f} | 0.0000 | - | - | {time.perf_counter() - t0:.1f} |"]
-    plan = [(m, t) for t in args.types for m in methods]
+    rows = [f"| dense | - | - | - | {dense:.2f} | 0.0000 | - | - | {time.perf_counter() - t0:.1f} |"]
+    # (method, sparsity type, ratio or None for N:M, allocation)
+    plan = [(m, t, None, "uniform") if ":" in t else (m, t, r, a)
+            for t in args.types for r in ([None] if ":" in t else args.ratios)
+            for a in (["uniform"] if ":" in t else args.allocations) for m in methods]
     if args.ablations:
-        plan += [(m, "unstructured") for m in ABLATIONS if m in available]
+        plan += [(m, "unstructured", 0.5, "uniform") for m in ABLATIONS if m in available]
     if args.plan:
         plan = [tuple(p.split("/", 1)) for p in args.plan]
         unknown = [m for m, _ in plan if m not in available]
         if unknown or any(len(p) != 2 for p in plan):
             ap.error(f"--plan takes METHOD/TYPE with METHOD in {available}; got {args.plan}")
+        plan = [(m, t, None if ":" in t else 0.5, "uniform") for m, t in plan]
     report = None
-    for method, stype in plan:
-        report = runner.run(method=method, sparsity_type=stype, sparsity_ratio=None if ":" in stype else 0.5)
+    for method, stype, ratio, allocation in plan:
+        report = runner.run(method=method, sparsity_type=stype, sparsity_ratio=ratio, allocation=allocation)
         ts = report["time_s"]
-        rows.append(f"| {method} | {report['sparsity_type']} | {report['ppl']:.2f} | {report['actual_sparsity']:.4f} | "
+        rows.append(f"| {method} | {allocation} | {report['sparsity_type']} | {report['sparsity_ratio']:g} | "
+                    f"{report['ppl']:.2f} | {report['actual_sparsity']:.4f} | "
                     f"{ts['prune']:.2f} | {ts['calibration']:.1f} | {ts['total']:.1f} |")
         print(rows[-1], flush=True)
-    header = "| method | sparsity | perplexity | actual sparsity | mask+update time (s) | calibration forward (s) | total (s) |"
-    name = "llm_prune_plan" if args.plan else "llm_prune_ablations" if args.ablations else "llm_prune"
+    header = ("| method | allocation | sparsity | ratio | perplexity | actual sparsity | mask+update time (s) | "
+              "calibration forward (s) | total (s) |")
+    name = "llm_prune_plan" if args.plan else "llm_prune_ablations" if args.ablations else \
+        "llm_prune_allocation" if args.allocations != ["uniform"] else "llm_prune"
     write_table(name, header, rows,
-                settings_of(report or {}, ratio=0.5, dense_ppl=dense))
+                settings_of(report or {}, ratios=args.ratios, allocations=args.allocations, dense_ppl=dense))
 
 
 if __name__ == "__main__":
