@@ -37,13 +37,14 @@ log = logging.getLogger(__name__)
 
 class Pruning(Callback):
     """Args:
-        method: magnitude | wanda | sparsegpt | ablate_{mag,wanda}_{seq,iter}.
+        method: magnitude | wanda | sparsegpt | ablate_{mag,wanda}_{seq,iter} | ria.
         sparsity_ratio: fraction of weights to prune, in [0, 1) (unset: N/M for N:M, else 0.5).
         sparsity_type: ``unstructured`` or ``N:M`` (N pruned of every M consecutive inputs, e.g. 2:4).
         use_variant: the Wanda variant (per-row threshold on cumulative scores; unstructured only).
         granularity: comparison group, ``row`` or ``layer`` (unset: the method's default).
         blocksize: SparseGPT column block size.
         percdamp: SparseGPT damping, a fraction of the Hessian's mean diagonal.
+        ria_alpha: RIA's exponent of the input norm (0.5 as its paper).
         bias_correction: put back each pruned layer's mean output (``(W - W') E[x]``), into its bias or,
             for a bias-free conv, into the running mean of the BatchNorm it feeds; the methods then
             weigh activations about their mean (magnitude calibrates too). For conv nets with
@@ -71,6 +72,7 @@ class Pruning(Callback):
         granularity: Optional[str] = None,
         blocksize: int = 128,
         percdamp: float = 0.01,
+        ria_alpha: float = 0.5,
         bias_correction: bool = False,
         allocation: str = "uniform",
         owl_m: float = 5.0,
@@ -84,7 +86,8 @@ class Pruning(Callback):
         if use_variant and (self.spec.structured or "use_variant" not in self.method.option_names):
             raise ValueError(f"pruning.use_variant needs unstructured sparsity and a method that has it (wanda), "
                              f"got method={method!r}, sparsity_type={self.spec.type!r}")
-        self.knobs = dict(granularity=granularity, use_variant=use_variant, blocksize=blocksize, percdamp=percdamp)
+        self.knobs = dict(granularity=granularity, use_variant=use_variant, blocksize=blocksize, percdamp=percdamp,
+                          ria_alpha=ria_alpha)
         check_knobs(**self.knobs)  # every knob, whether or not this method reads it: a typo must not wait
         self.options = self.method.make_options(**self.knobs)
         self.bias_correction = bias_correction

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from . import ablations, magnitude, sparsegpt, wanda
+from . import ablations, magnitude, ria, sparsegpt, wanda
 from .base import Method
 
 METHODS: Dict[str, Method] = {m.name: m for m in (
@@ -16,6 +16,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     wanda.METHOD,
     sparsegpt.METHOD,
     *ablations.METHODS,
+    ria.METHOD,
 )}
 
 
