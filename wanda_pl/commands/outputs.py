@@ -51,29 +51,28 @@ def owned_entries(folder: Path) -> Optional[Set[str]]:
     return {str(e) for e in data["entries"]}
 
 
-def _entries(folder: Path) -> List[str]:
-    """Every file, folder and link under ``folder``, relative, parents before children."""
-    out = []
+def _walk(folder: Path, descend=lambda entry: True) -> Iterator[str]:
+    """Every file, folder and link under ``folder`` (relative, sorted, parents before children, the
+    marker left out), entering only the subfolders ``descend`` accepts."""
     for root, dirs, files in os.walk(folder):
         rel = Path(root).relative_to(folder)
-        dirs.sort()
-        out.extend((rel / name).as_posix() for name in sorted(dirs) + sorted(files))
-    return [e for e in out if e != MARKER]
+        dirs[:] = sorted(dirs)
+        for name in dirs + sorted(files):
+            entry = (rel / name).as_posix()
+            if entry != MARKER:
+                yield entry
+        dirs[:] = [d for d in dirs if descend((rel / d).as_posix())]
+
+
+def _entries(folder: Path) -> List[str]:
+    return list(_walk(folder))
 
 
 def foreign_entries(folder: Path) -> List[str]:
     """Entries of an existing ``folder`` that no run of ours wrote; a foreign folder is named once
     and not walked (a refused folder may be huge)."""
     owned = owned_entries(folder) or set()
-    foreign: List[str] = []
-    for root, dirs, files in os.walk(folder):
-        rel = Path(root).relative_to(folder)
-        for name in sorted(dirs) + sorted(files):
-            entry = (rel / name).as_posix()
-            if entry != MARKER and entry not in owned:
-                foreign.append(entry)
-        dirs[:] = sorted(d for d in dirs if (rel / d).as_posix() in owned)
-    return foreign
+    return [e for e in _walk(folder, descend=owned.__contains__) if e not in owned]
 
 
 def check_output_dir(output_dir, inputs: Mapping[str, object] = (), writes: Mapping[str, object] = ()) -> Path:

@@ -1,7 +1,7 @@
 """What both datamodules share: each rank's share of the items, and the checks of their counts."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 
 def shard(n: int, rank: int, world: int) -> range:
@@ -10,10 +10,14 @@ def shard(n: int, rank: int, world: int) -> range:
     return range(rank, n, world)
 
 
+def rank_world(trainer) -> Tuple[int, int]:
+    """(this process's rank, the number of processes); (0, 1) without a trainer."""
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
 def my_share(n: int, trainer) -> List[int]:
     """This process's item indices (all of them without a trainer or with one process)."""
-    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-    return list(shard(n, rank, world))
+    return list(shard(n, *rank_world(trainer)))
 
 
 def check_at_least(**values) -> None:

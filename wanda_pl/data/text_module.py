@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .common import check_at_least, my_share
+from .common import check_at_least, my_share, rank_world
 from .text import calibration_windows, evaluation_windows, load_text
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class TextDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         ids = self.evaluation_ids()
-        world = self.trainer.world_size if self.trainer is not None else 1
+        _, world = rank_world(self.trainer)
         if len(ids) < world:
             # A rank without batches skips validation and the others would wait for it forever.
             raise ValueError(f"{len(ids)} evaluation windows cannot be shared by {world} processes; "
