@@ -108,13 +108,20 @@ def main(args: Optional[list] = None) -> None:
             sys.exit("usage: python cli.py assets   (fetch and verify every embedded asset; prints {name: path} as JSON)")
         print(json.dumps(ensure_all(), indent=2))
         return
+    from wanda_pl.errors import USER_ERROR_EXIT, debug, interruptible, interruption, user_message
+
     try:
-        _run_cli(args)
-    except ValueError as err:
-        inner = _union_errors(str(err))
-        if inner is None:
+        with interruptible():
+            _run_cli(args)
+    except BaseException as err:  # noqa: BLE001 - sorted below: user errors and signals get one line, crashes re-raise
+        stop = interruption(err)
+        message = str(stop) if stop is not None else None
+        if stop is None and isinstance(err, Exception):
+            message = user_message(err) or (_union_errors(str(err)) if isinstance(err, ValueError) else None)
+        if message is None or debug():
             raise
-        raise ValueError(inner) from None
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code if stop is not None else USER_ERROR_EXIT)
 
 
 def _union_errors(message: str) -> Optional[str]:
