@@ -38,6 +38,9 @@ def resolve_model(name_or_path: str) -> str:
         return str(ensure(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"model path {str(path)!r} is a file; give a Hugging Face model folder "
+                                     f"(config.json, weights, tokenizer files)")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model folder {str(path)!r} has no config.json; expected a Hugging Face model folder")
         return str(path)

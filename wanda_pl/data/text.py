@@ -16,8 +16,10 @@ from typing import List, Optional, Union
 import torch
 
 from ..assets.resolve import EMBEDDED_TEXT, hub_error, looks_like_path
+from ..errors import UserError
 
 SPLITS = ("calibration", "evaluation")
+ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 C4_TRAIN = "en/c4-train.00000-of-01024.json.gz"
 C4_VALID = "en/c4-validation.00000-of-00008.json.gz"
 
@@ -64,26 +66,64 @@ def _hub_dataset(source, convert, *args, **kwargs):
 
 
 def _load_file(path: Path) -> Text:
+    if path.is_dir():
+        raise UserError(f"text file {str(path)!r} is a folder; give a .txt, .jsonl or .pt file")
     if not path.is_file():
         raise FileNotFoundError(f"text file {str(path)!r} does not exist")
-    if path.suffix == ".txt":
-        return path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        docs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if "text" not in row:
-                        raise ValueError(f"{path}:{lineno}: a .jsonl source needs a 'text' field in every line")
-                    docs.append(row["text"])
-        return docs
+    if path.suffix not in (".txt", ".jsonl", ".pt"):
+        raise UserError(f"unsupported text file {str(path)!r}: use .txt, .jsonl or .pt")
     if path.suffix == ".pt":
+        return _load_ids(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"text file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); give UTF-8 "
+                        f"text, or token ids as a .pt file") from None
+    if "\x00" in raw:  # valid UTF-8 all the same, but no text
+        raise UserError(f"text file {str(path)!r} holds NUL bytes: a binary file, not text")
+    if not raw.strip():
+        raise UserError(f"text file {str(path)!r} is empty")
+    return raw if path.suffix == ".txt" else _jsonl_docs(path, raw)
+
+
+def _jsonl_docs(path: Path, raw: str) -> List[str]:
+    docs = []
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise UserError(f"{path}:{lineno}: not a JSON object ({err}); a .jsonl source has one "
+                            f'{{"text": ...}} object per line') from None
+        if not isinstance(row, dict) or "text" not in row:
+            raise UserError(f"{path}:{lineno}: a .jsonl source needs a 'text' field in every line")
+        if not isinstance(row["text"], str):
+            raise UserError(f"{path}:{lineno}: the 'text' field is a {type(row['text']).__name__}, not a string")
+        docs.append(row["text"])
+    return docs
+
+
+def _load_ids(path: Path) -> torch.Tensor:
+    try:
         ids = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() not in (1, 2):
-            raise ValueError(f"{path}: a .pt source must hold a 1-D or 2-D integer tensor of token ids")
-        return ids.long()
-    raise ValueError(f"unsupported text file {str(path)!r}: use .txt, .jsonl or .pt")
+    except Exception as err:  # noqa: BLE001 - truncated, not torch's, arbitrary objects: torch's messages omit the file
+        raise UserError(f"{str(path)!r} is not a token-id file torch can load ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200] if str(err) else ''}); a .pt source holds one integer "
+                        f"tensor, as an earlier run's calibration_ids.pt") from None
+    what = f"a {type(ids).__name__}" if not isinstance(ids, torch.Tensor) else f"a {ids.dtype} tensor of shape {tuple(ids.shape)}"
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in ID_DTYPES or ids.dim() not in (1, 2) or ids.numel() == 0:
+        raise UserError(f"{path}: a .pt source must hold a non-empty 1-D or 2-D integer tensor of token ids "
+                        f"({', '.join(str(d) for d in ID_DTYPES)}), not {what}")
+    return ids.long()
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, source: str) -> None:
+    """Refuse ids the model cannot embed (they would end in an IndexError deep inside it)."""
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.numel():
+        raise UserError(f"token ids from {source!r} must be in [0, {vocab_size - 1}] (the model's vocabulary), "
+                        f"but {bad.numel()} are not, e.g. {int(bad[0])}: made with another tokenizer?")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .common import check_at_least, my_share, rank_world
-from .text import calibration_windows, evaluation_windows, load_text
+from .text import calibration_windows, check_token_ids, evaluation_windows, load_text
 
 log = logging.getLogger(__name__)
 
@@ -43,36 +43,43 @@ class TextDataModule(L.LightningDataModule):
         self.calibration, self.evaluation = calibration, evaluation
         self.nsamples, self.seqlen, self.seed = nsamples, seqlen, seed
         self.max_eval_windows, self.batch_size = max_eval_windows, batch_size
-        self.tokenizer = None
+        self.tokenizer, self.vocab_size = None, None
         self._calib: Optional[torch.Tensor] = None
         self._eval: Optional[torch.Tensor] = None
 
-    def connect(self, tokenizer, max_length: Optional[int] = None) -> None:
-        """Late facts from the model: its tokenizer and the longest sequence it supports."""
-        self.tokenizer = tokenizer
+    def connect(self, tokenizer, max_length: Optional[int] = None, vocab_size: Optional[int] = None) -> None:
+        """Late facts from the model: its tokenizer, the longest sequence it supports, and how many
+        token ids it embeds (None: the tokenizer's)."""
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
         if max_length is not None and self.seqlen > max_length:
             raise ValueError(f"data.seqlen={self.seqlen} is longer than the model supports ({max_length} positions)")
 
     def prepare_for(self, module) -> None:
         """Connect to ``module`` and load the data, so bad settings fail before any long work."""
-        self.connect(module.tokenizer, module.max_length)
+        self.connect(module.tokenizer, module.max_length, _embedded(module.model))
         self.calibration_ids()
         self.evaluation_ids()
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None and self.trainer is not None:
             module = self.trainer.lightning_module
-            self.connect(module.tokenizer, module.max_length)
+            self.connect(module.tokenizer, module.max_length, _embedded(module.model))
 
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:
             raise RuntimeError("TextDataModule has no tokenizer yet: call connect(tokenizer) or attach it to a Trainer")
 
+    def _load(self, source: str, split: str):
+        text = load_text(source, split)
+        if isinstance(text, torch.Tensor):
+            check_token_ids(text, self.vocab_size or len(self.tokenizer), source)
+        return text
+
     def calibration_ids(self) -> torch.Tensor:
         """(nsamples, seqlen) token ids, drawn once and kept (the exact ids calibrated on)."""
         if self._calib is None:
             self._need_tokenizer()
-            text = load_text(self.calibration, "calibration")
+            text = self._load(self.calibration, "calibration")
             self._calib = calibration_windows(text, self.tokenizer, self.nsamples, self.seqlen, self.seed)
         return self._calib
 
@@ -81,7 +88,7 @@ class TextDataModule(L.LightningDataModule):
     def evaluation_ids(self) -> torch.Tensor:
         if self._eval is None:
             self._need_tokenizer()
-            text = load_text(self.evaluation, "evaluation")
+            text = self._load(self.evaluation, "evaluation")
             self._eval = evaluation_windows(text, self.tokenizer, self.seqlen, self.max_eval_windows)
         return self._eval
 
@@ -107,3 +114,9 @@ class TextDataModule(L.LightningDataModule):
             "seqlen": self.seqlen, "seed": self.seed, "max_eval_windows": self.max_eval_windows,
             "eval_windows": None if self._eval is None else len(self._eval),
         }
+
+
+
+def _embedded(network) -> int:
+    """Rows of the Hugging Face model's input embedding: the token ids it can take."""
+    return network.get_input_embeddings().num_embeddings

@@ -7,6 +7,7 @@ the layer kinds' business (:mod:`wanda_pl.core.layers`).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn as nn
 
 from ..assets.resolve import EMBEDDED_MODELS, hub_error, resolve_model
 from ..core.hooks import BlockInput, capture_inputs
+from ..errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,19 +27,55 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = resolve_model(name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    except OSError as err:
-        if path == name_or_path and "/" not in name_or_path and not path.startswith("."):
-            raise ValueError(
-                f"{name_or_path!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}), a local folder, "
-                f"or a model the hub could give: {err}"
-            ) from err
-        raise hub_error("model", name_or_path, err, EMBEDDED_MODELS) from err
+    if Path(path).is_dir():
+        model, tokenizer = _load_folder(path, DTYPES[dtype], trust_remote_code)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        except OSError as err:
+            if "/" not in name_or_path and not path.startswith("."):
+                raise ValueError(
+                    f"{name_or_path!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}), a local folder, "
+                    f"or a model the hub could give: {err}"
+                ) from err
+            raise hub_error("model", name_or_path, err, EMBEDDED_MODELS) from err
+    check_finite(model, path)
     model.config.use_cache = False
     model.eval()
     return model, tokenizer, path
+
+
+def _load_folder(folder: str, dtype: torch.dtype, trust_remote_code: bool):
+    """A local Hugging Face folder; a failure names the folder and the part of it at fault (transformers'
+    own messages often do not)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    def part(what, load):
+        try:
+            return load()
+        except Exception as err:  # noqa: BLE001 - any failure of a local folder is about its files
+            raise UserError(f"model folder {folder!r}: could not load {what}: {type(err).__name__}: "
+                            f"{(str(err).strip().splitlines() or [''])[0][:300]}") from err
+
+    config = part("config.json", lambda: AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code))
+    tokenizer = part("its tokenizer (tokenizer.json or tokenizer.model, with tokenizer_config.json)",
+                     lambda: AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))
+    model = part("its weights (model.safetensors or pytorch_model.bin: truncated or corrupt?)",
+                 lambda: AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype,
+                                                              trust_remote_code=trust_remote_code))
+    return model, tokenizer
+
+
+@torch.no_grad()
+def check_finite(model: nn.Module, where: str) -> None:
+    """Refuse NaN or Inf weights at load: otherwise they surface only as a NaN perplexity, or as
+    non-finite activations once calibration reaches them."""
+    for name, param in model.named_parameters():
+        bad = ~torch.isfinite(param)
+        if bool(bad.any()):
+            raise UserError(f"model {where!r}: the weight {name} holds {int(bad.sum())} NaN or Inf values; "
+                            f"a model with non-finite weights cannot be pruned or evaluated")
 
 
 def save_causal_lm(model: nn.Module, tokenizer, folder, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:

@@ -12,6 +12,7 @@ from typing import Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from ..errors import UserError
 from .sharding import full
 
 log = logging.getLogger(__name__)
@@ -31,16 +32,26 @@ def load_masks(path, weights: Optional[Mapping[str, torch.Tensor]] = None) -> Di
         path = path / MASKS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no mask file at {str(path)!r}")
-    masks = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(masks, dict) or not all(isinstance(v, torch.Tensor) for v in masks.values()):
-        raise ValueError(f"{str(path)!r} is not a mask file (a dict of layer name -> bool tensor)")
+    try:
+        masks = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated or not torch's: torch's messages omit the file
+        raise UserError(f"{str(path)!r} is not a mask file torch can load ({type(err).__name__}: "
+                        f"{(str(err).splitlines() or [''])[0][:200]})") from None
+    if not isinstance(masks, dict) or not masks or not all(isinstance(v, torch.Tensor) for v in masks.values()):
+        raise UserError(f"{str(path)!r} is not a mask file (a non-empty dict of layer name -> bool tensor)")
+    not_bool = [n for n, m in masks.items() if m.dtype != torch.bool]
+    if not_bool:  # a 0/1 float mask may mean "keep" where ours means "pruned": no guessing
+        raise UserError(f"mask {not_bool[0]!r} in {str(path)!r} is {masks[not_bool[0]].dtype}; masks are bool "
+                        f"tensors, True where the weight is pruned")
     if weights is not None:
         missing = [n for n in masks if n not in weights]
         if missing:
-            raise ValueError(f"masks in {str(path)!r} name layers this model has not: {missing[:5]}")
+            raise UserError(f"masks in {str(path)!r} name layers this model has not: {missing[:5]} "
+                            f"({len(missing)} of {len(masks)}); its layers are named like {sorted(weights)[:2]}")
         for n, m in masks.items():
             if tuple(m.shape) != tuple(weights[n].shape):
-                raise ValueError(f"mask {n!r} has shape {tuple(m.shape)}, the weight {tuple(weights[n].shape)}")
+                raise UserError(f"mask {n!r} in {str(path)!r} has shape {tuple(m.shape)}, the model's weight "
+                                f"{tuple(weights[n].shape)}: masks of another model?")
     return {k: v.bool() for k, v in masks.items()}
 
 
