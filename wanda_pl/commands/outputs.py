@@ -5,7 +5,9 @@ succeeds. Every folder it commits carries a marker (``.wanda_pl-output.json``) l
 it wrote. An existing ``output_dir`` is replaced only when it is empty, or when it is an output of
 ours holding nothing beyond what its marker lists; anything else is refused before any work, as
 are the working directory, the home folder, a filesystem root (and any folder above them) and any
-folder holding an input of the run. Of a replaced folder only the listed entries are deleted.
+folder holding an input of the run, or a location this user cannot write. Of a replaced folder
+only the listed entries are deleted. One run at a time writes a given ``output_dir`` (:mod:`.lock`);
+a full disk or a read-only folder while writing is reported as such, with nothing half-written.
 """
 from __future__ import annotations
 
@@ -15,9 +17,13 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Set
+
+from ..errors import UserError, signals_deferred
+from .lock import output_lock
+from .writable import not_writable, write_fault
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +31,7 @@ MARKER = ".wanda_pl-output.json"
 _SHOWN = 5  # foreign entries named in a refusal
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UserError):
     """An ``output_dir`` this run may not write (raised before any work)."""
 
 
@@ -127,6 +133,9 @@ def check_output_dir(output_dir, inputs: Mapping[str, object] = (), writes: Mapp
                 f"output_dir {given!r} holds files this program did not write ({kind}): {shown}. A run replaces "
                 f"its output_dir as a whole, so it only replaces empty folders and its own earlier outputs: "
                 f"choose a new folder, or remove {given!r} yourself")
+    reason = not_writable(out, given)
+    if reason:
+        raise OutputDirError(reason)
     return out
 
 
@@ -162,14 +171,21 @@ def staged_dir(output_dir, inputs: Mapping[str, object] = (), command: str = "ru
     """A hidden sibling of ``output_dir`` to write into; committed in place of ``output_dir`` only if
     the body succeeds (a failed run leaves no half-written output and the previous one intact)."""
     out = check_output_dir(output_dir, inputs, writes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
-    try:
-        yield stage
-        _write_marker(stage, command)
-        _commit(stage, out, output_dir, inputs)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with ExitStack() as cleanup:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cleanup.enter_context(output_lock(out, output_dir))
+            stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
+        except OSError as err:
+            raise write_fault(err, output_dir, out) or err
+        cleanup.callback(shutil.rmtree, stage, ignore_errors=True)
+        try:
+            yield stage
+            with signals_deferred(f"the output in {str(out)!r} was complete before it"):
+                _write_marker(stage, command)
+                _commit(stage, out, output_dir, inputs)
+        except OSError as err:
+            raise write_fault(err, output_dir, out, stage) or err
 
 
 def _commit(stage: Path, out: Path, given, inputs) -> None:
