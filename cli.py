@@ -1,6 +1,6 @@
-"""wanda_pl command line: ``python cli.py {prune,validate,fit,assets} --help``.
+"""wanda_pl command line: ``python cli.py {prune,sweep,validate,fit,assets} --help``.
 
-Subcommands are Trainer methods (LightningCLI's contract); ``prune`` is the one we add.
+Subcommands are Trainer methods (LightningCLI's contract); ``prune`` and ``sweep`` are ours.
 ``assets`` needs no model, so it is dispatched before LightningCLI parses anything.
 """
 from __future__ import annotations
@@ -36,6 +36,22 @@ class WandaTrainer(Trainer):
 
         return prune(self, model, datamodule, output_dir, save_model, validate_dense, getattr(self, "run_config", None))
 
+    def sweep(self, model, datamodule, grid=None, output_dir: str = "outputs/sweep", save_model: bool = False) -> dict:
+        """Prune at every point of a grid of methods x ratios x types; tables and plots of all points.
+
+        Writes sweep.csv, sweep.json, ppl_vs_sparsity.png and one subfolder per point into
+        output_dir; an interrupted sweep resumes.
+
+        Args:
+            grid: the points (``wanda_pl.commands.sweep.Grid``; on the command line ``--sweep.*``).
+            output_dir: the sweep's folder (one subfolder per point); a finished point with the same
+                settings is kept, not run again. Same ownership rules as prune's output_dir.
+            save_model: also save every point's pruned model (with its model card).
+        """
+        from wanda_pl.commands.sweep import sweep
+
+        return sweep(self, model, datamodule, grid, output_dir, save_model, getattr(self, "run_config", None))
+
     def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path: Optional[str] = None,
             weights_only: Optional[bool] = None, output_dir: Optional[str] = "outputs/fit", save_model: bool = True,
             validate_before: bool = True):
@@ -66,7 +82,27 @@ class WandaTrainer(Trainer):
 class WandaCLI(LightningCLI):
     @staticmethod
     def subcommands():
-        return {**LightningCLI.subcommands(), "prune": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "prune": {"model", "datamodule"},
+                "sweep": {"model", "datamodule", "grid"}}
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        # The grid's options are --sweep.* (scripts rely on the names), and a method argument
+        # cannot share its subcommand's name: they are added here, for this subcommand only.
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "sweep":
+            from wanda_pl.commands.sweep import Grid
+
+            parser.add_class_arguments(Grid, "sweep", as_group=False)
+        return parser
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "sweep":
+            from wanda_pl.commands.sweep import Grid
+
+            grid = self.config_init[subcommand]["sweep"]
+            kwargs["grid"] = grid if isinstance(grid, Grid) else Grid(**dict(vars(grid)))
+        return kwargs
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Pruning, "pruning")
@@ -82,7 +118,7 @@ class WandaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Refuse an output folder the run may not replace before any model is loaded."""
         cfg = self.config[self.subcommand]
-        if self.subcommand in ("prune", "fit") and cfg.get("output_dir") is not None:
+        if self.subcommand in ("prune", "fit", "sweep") and cfg.get("output_dir") is not None:
             from wanda_pl.commands.outputs import check_output_dir, config_inputs
 
             check_output_dir(cfg.output_dir, config_inputs(cfg.as_dict()),
@@ -92,7 +128,7 @@ class WandaCLI(LightningCLI):
         cfg = self.config[self.subcommand]
         self.trainer.run_config = json.loads(json.dumps(cfg.as_dict(), default=str))
 
-    before_fit = before_prune
+    before_fit = before_sweep = before_prune
 
 
 def main(args: Optional[list] = None) -> None:

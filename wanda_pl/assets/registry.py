@@ -28,12 +28,15 @@ KINDS = (CAUSAL_LM, TEXT, CLASSIFIER, IMAGES, TASK_DATA)
 class Asset:
     kind: str
     build: Callable[[], Path]  # fetches and converts on first use; the cached folder after
+    # For model cards of what is pruned from it: the hub model it was converted from, its licence.
+    hub_id: str = ""
+    license: str = ""
 
 
 REGISTRY: Dict[str, Asset] = {
-    "smollm2-135m": Asset(CAUSAL_LM, models.smollm2_135m),
+    "smollm2-135m": Asset(CAUSAL_LM, models.smollm2_135m, "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
     "wikipedia": Asset(TEXT, text.wikipedia),
-    "efficientnet-lite0": Asset(CLASSIFIER, vision.efficientnet_lite0),
+    "efficientnet-lite0": Asset(CLASSIFIER, vision.efficientnet_lite0, "timm/tf_efficientnet_lite0.in1k", "apache-2.0"),
     "imagenet-photos": Asset(IMAGES, vision.imagenet_photos),
     "natural-images": Asset(IMAGES, vision.natural_images),
     tasks.ASSET_NAME: Asset(TASK_DATA, tasks.zero_shot_tasks),

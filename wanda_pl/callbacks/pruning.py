@@ -81,6 +81,7 @@ class Pruning(Callback):
         enabled: bool = False,
         masks_from: Optional[str] = None,
     ) -> None:
+        self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # sweeps vary them
         self.spec = SparsitySpec.parse(sparsity_type, sparsity_ratio)
         self.method = get_method(method)
         if use_variant and (self.spec.structured or "use_variant" not in self.method.option_names):

@@ -5,7 +5,9 @@ the work happens inside ``trainer.validate``/``fit`` and only rank 0 writes. Out
 atomically into ``output_dir``:
 
 * ``report.json``: sparsity and metrics before and after, steps, time, mode, config;
-* ``model/``: the fine-tuned model as a Hugging Face folder (LoRA: merged with the masked merge);
+* ``model/``: the fine-tuned model as a Hugging Face folder (LoRA: merged with the masked merge),
+  with its model card (``README.md``) and ``report.json``;
+* ``layers.png``: sparsity per block and layer type after fine-tuning;
 * ``masks.pt``: the masks (layer name -> bool, True = pruned);
 * ``adapter/`` (LoRA): the unmerged adapters + masks (``wanda_pl.training.lora.load_adapter``).
 """
@@ -24,8 +26,10 @@ from ..modules.protocol import require
 from ..training import lora
 from ..training.masks import MASKS_FILE, save_masks
 from ..training.sharding import full_state_dict
+from .card import write_card
 from .common import environment, evaluate, lightning_writes, staged_output
 from .outputs import check_output_dir, run_inputs
+from .plots import layers_png
 from .report import assemble, layer_sparsity, overall_sparsity, write_json
 
 log = logging.getLogger(__name__)
@@ -141,9 +145,11 @@ def fit_and_report(
         if trainer.is_global_zero:
             if save_model:
                 model.save(stage / "model", **({"state_dict": whole} if whole is not None else {}))
+                write_card(stage / "model", report, Path(output_dir) / "model")
             if masks:
                 save_masks(masks, stage / MASKS_FILE)
             write_json(stage / "report.json", report)
+            layers_png(stage / "layers.png", report["layers"], title=f"{report.get('model')}: after fine-tuning")
             b = "n/a" if before is None else _fmt(before.metrics)
             print(f"{report.get('model')}: fine-tuned ({report.get('finetune', 'full')}) {report['steps']} steps; "
                   f"sparsity before {sparsity_before:.4f}, after {report['sparsity_after']:.4f}; "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -77,8 +78,39 @@ def _entries(folder: Path) -> List[str]:
 def foreign_entries(folder: Path) -> List[str]:
     """Entries of an existing ``folder`` that no run of ours wrote; a foreign folder is named once
     and not walked (a refused folder may be huge)."""
-    owned = owned_entries(folder) or set()
-    return [e for e in _walk(folder, descend=owned.__contains__) if e not in owned]
+    owned = owned_entries(folder)
+    left = {p.name for p in leftovers(folder)} if owned is not None else set()
+    owned = owned or set()
+    return [e for e in _walk(folder, descend=owned.__contains__) if e not in owned and e not in left]
+
+
+# What a run of ours killed outright (SIGKILL, power loss) leaves in a folder of ours, named so
+# that nothing else is: a point's hidden stage, a temporary file of an atomic write, a lock file.
+_LEFTOVER = re.compile(r"^\..+\.(partial\.[A-Za-z0-9_]{8}|wanda_pl-tmp\.[A-Za-z0-9_]{8}|wanda_pl\.lock)$")
+TMP_TAG = ".wanda_pl-tmp."  # in every temporary file name of ours (see _LEFTOVER)
+
+
+def leftovers(folder: Path) -> List[Path]:
+    """The leftovers of killed runs of ours directly inside ``folder``."""
+    try:
+        return sorted(p for p in Path(folder).iterdir() if _LEFTOVER.match(p.name) and not p.is_symlink())
+    except OSError:
+        return []
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete them from a folder of ours; a lock file only once no live run holds it (else refused)."""
+    if owned_entries(folder) is None:
+        return
+    for path in leftovers(folder):
+        log.warning("removing %s, left in %s by an earlier run of ours that was killed", path.name, folder)
+        if path.name.endswith(".wanda_pl.lock"):
+            with output_lock(path.with_name(path.name[1:-len(".wanda_pl.lock")])):
+                pass  # released and removed by the lock itself
+        elif path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def check_output_dir(output_dir, inputs: Mapping[str, object] = (), writes: Mapping[str, object] = ()) -> Path:
@@ -139,17 +171,16 @@ def check_output_dir(output_dir, inputs: Mapping[str, object] = (), writes: Mapp
     return out
 
 
-def _write_marker(stage: Path, command: str) -> None:
-    from importlib.metadata import version
 
-    data = {"written_by": "wanda_pl", "version": version("wanda_pl"), "command": command,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "entries": _entries(stage)}
-    (stage / MARKER).write_text(json.dumps(data, indent=2) + "\n")
+
+def _write_marker(stage: Path, command: str) -> None:
+    claim(stage, _entries(stage), command)
 
 
 def _remove_owned(folder: Path, owned: Set[str]) -> None:
     """Delete of ``folder`` only the entries in ``owned`` (and the marker), deepest first; whatever
     else it holds stays, and so does the folder then."""
+    remove_leftovers(folder)
     for entry in sorted(owned | {MARKER}, key=lambda e: e.count("/"), reverse=True):
         path = folder / entry
         try:
@@ -229,3 +260,19 @@ def run_inputs(config: Optional[Mapping] = None, **named) -> Dict[str, object]:
     """What a run reads, for :func:`check_output_dir`: the paths named in its config plus the
     ones resolved at run time (``model=`` the resolved model folder, ``ckpt_path=``, ...)."""
     return {**(config_inputs(config) if config else {}), **{k: v for k, v in named.items() if v is not None}}
+
+
+def claim(folder, entries, command: str) -> None:
+    """Add ``entries`` (relative paths this run wrote into ``folder``, a folder of ours) to its marker,
+    atomically: a folder filled piece by piece (a sweep's points) stays ours as it grows, and what
+    others put into it meanwhile does not become ours."""
+    from importlib.metadata import version
+
+    folder = Path(folder)
+    owned = owned_entries(folder) or set()
+    data = {"written_by": "wanda_pl", "version": version("wanda_pl"), "command": command,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "entries": sorted(owned | set(entries))}
+    fd, tmp = tempfile.mkstemp(prefix=f"{MARKER}{TMP_TAG}", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, folder / MARKER)

@@ -2,8 +2,10 @@
 
 It runs in every process under DDP (Lightning relaunches the script per rank), so the heavy work
 happens inside ``trainer.validate`` runs; only rank 0 writes. Outputs, written atomically into
-``output_dir``: ``report.json``, ``calibration_ids.pt`` (the exact calibration inputs, for
-replay), and with ``save_model`` the pruned model (``model/``) and its masks (``masks.pt``).
+``output_dir``: ``report.json``, ``layers.png`` (sparsity per block and layer type, planned and
+actual), ``calibration_ids.pt`` (the exact calibration inputs, for replay), and with ``save_model``
+the pruned model (``model/``, with its model card and report) and its masks (``masks.pt``). The
+numbers go to the trainer's loggers too.
 """
 from __future__ import annotations
 
@@ -19,8 +21,11 @@ from ..core.plan import describe as describe_plan
 from ..eval.zero_shot import format_table
 from ..modules.protocol import require
 from ..training.masks import MASKS_FILE, save_masks
+from .card import write_card
 from .common import Evaluation, environment, evaluate, lightning_writes, staged_output
+from .loggers import log_run
 from .outputs import check_output_dir, run_inputs
+from .plots import layers_png
 from .report import assemble, layer_sparsity, overall_sparsity, sparsity_table, write_json
 
 
@@ -32,8 +37,14 @@ def prune(
     save_model: bool = False,
     validate_dense: bool = True,
     config: Optional[Dict[str, Any]] = None,
+    dense: Optional[Evaluation] = None,
+    sections: Optional[Dict[str, Dict[str, Any]]] = None,
+    step: int = 0,
 ) -> Dict[str, Any]:
-    """Calibrate, prune, validate dense and pruned, and write ``report.json`` (+ ids, model)."""
+    """Calibrate, prune, validate dense and pruned, and write ``report.json`` (+ ids, model).
+
+    ``dense``: a baseline measured before (a sweep measures it once), used instead of measuring;
+    ``sections``: more report sections; ``step``: the loggers' step for this run's numbers."""
     t_start = time.perf_counter()
     model = require(model)
     pruning = find_callback(trainer, Pruning, needed_for="the prune command")
@@ -49,8 +60,9 @@ def prune(
 
     with staged_output(trainer, output_dir, inputs, "prune", writes) as stage:
         # 1. The dense baseline, shown at once rather than only after the long pruning.
-        dense = evaluate(trainer, model, datamodule, zero_shot) if validate_dense else None
-        if dense is not None and trainer.is_global_zero:
+        measure = dense is None and validate_dense
+        dense = evaluate(trainer, model, datamodule, zero_shot) if measure else dense
+        if measure and trainer.is_global_zero:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in dense.metrics.items() if isinstance(v, float))
             print(f"dense baseline ({dense.seconds:.0f} s): {shown}", flush=True)
         # 2 + 3. Prune, then measure: one validation run whose start the Pruning callback prunes at,
@@ -61,7 +73,7 @@ def prune(
         # 4. The report.
         targets = model.all_targets()
         layers = layer_sparsity(targets)  # every rank: sharded weights are counted by a collective
-        t_eval = (0.0 if dense is None else dense.seconds) + pruned.seconds - outcome.total_s
+        t_eval = (dense.seconds if measure else 0.0) + pruned.seconds - outcome.total_s
         report = assemble(
             model=model.describe(),
             method=pruning.describe(),
@@ -76,14 +88,19 @@ def prune(
             environment=environment(trainer),
             layers={"layers": layers, "layers_planned": describe_plan(outcome.plan)},
             config={"config": config},
+            **(sections or {}),
         )
+        log_run(trainer, report, step)
         if trainer.is_global_zero:
             if pruning.needs_activations:
                 torch.save(datamodule.calibration_data(), stage / "calibration_ids.pt")
             if save_model:
                 model.save(stage / "model")
+                write_card(stage / "model", report, Path(output_dir) / "model")
                 save_masks(pruning.masks, stage / MASKS_FILE)  # fit --pruning.masks_from output_dir/masks.pt
             write_json(stage / "report.json", report)
+            layers_png(stage / "layers.png", layers, report["layers_planned"],
+                       f"{report['model']}: {report['method']} {report['sparsity_type']} {report['sparsity_ratio']:g}")
             print(sparsity_table(layers))
             print(f"{report['model']}: {report['method']} {report['sparsity_type']} {report['sparsity_ratio']:g} -> "
                   f"actual sparsity {report['actual_sparsity']:.4f}; {_line(model, dense, pruned)} "

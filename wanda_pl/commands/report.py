@@ -8,12 +8,13 @@ import resource
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..training.sharding import count_zeros
+from .outputs import TMP_TAG
 
 
 def layer_sparsity(targets: Mapping[str, nn.Module]) -> Dict[str, float]:
@@ -74,19 +75,33 @@ def peak_memory() -> Dict[str, float]:
     return out
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+def atomic_write(path: Path, data, mode: str = "w") -> Path:
+    """Write ``data`` (text, bytes, or a callable given the open file) to ``path`` atomically: a
+    reader sees the old file or the new one, never half of one. Permissions as a plain write's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide results from a shared group
+        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as f:
+            data(f) if callable(data) else f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
-def sparsity_table(layers: Mapping[str, float]) -> str:
-    """Per-layer sparsity as a block x layer-type grid (one row per block)."""
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically."""
+    atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def block_grid(layers: Mapping[str, float]) -> Tuple[List[str], List[str], Dict[str, Dict[str, float]]]:
+    """Per-layer values as (blocks, layer types, block -> type -> value): a layer's block is its name
+    up to the first numeric part (``model.layers.3``), its type the rest (``self_attn.q_proj``)."""
     rows: Dict[str, Dict[str, float]] = {}
     cols: Dict[str, None] = {}
     for name, value in layers.items():
@@ -95,10 +110,31 @@ def sparsity_table(layers: Mapping[str, float]) -> str:
         block, leaf = ".".join(parts[:split]), ".".join(parts[split:]) or parts[-1]
         rows.setdefault(block, {})[leaf] = value
         cols.setdefault(leaf)
-    width = max([len("block")] + [len(b) for b in rows])
-    names = list(cols)
+    return list(rows), list(cols), rows
+
+
+def sparsity_table(layers: Mapping[str, float]) -> str:
+    """Per-layer sparsity as a block x layer-type grid (one row per block)."""
+    blocks, names, rows = block_grid(layers)
+    width = max([len("block")] + [len(b) for b in blocks])
     head = "block".ljust(width) + "".join(f" {c.split('.')[-1][:9]:>9}" for c in names)
     lines = [head, "-" * len(head)]
     for block, vals in rows.items():
         lines.append(block.ljust(width) + "".join(f" {vals[c]:>9.4f}" if c in vals else f" {'-':>9}" for c in names))
     return "\n".join(lines)
+
+
+def headline(report: Mapping[str, Any]) -> Dict[str, Optional[float]]:
+    """A prune report's measured numbers, flat (pruned, then ``*_dense``): ``ppl`` for language
+    models, ``top1`` / ``top5`` / ``agreement`` for classifiers, the zero-shot mean accuracy when
+    measured. What sweeps tabulate, loggers receive and model cards state."""
+    out: Dict[str, Optional[float]] = {}
+    if "ppl" in report:
+        out.update(ppl=report["ppl"], ppl_dense=report.get("ppl_dense"))
+    for key, pair in (report.get("accuracy") or {}).items():
+        out.update({key: pair.get("pruned"), f"{key}_dense": pair.get("dense")})
+    zero_shot = report.get("zero_shot") or {}
+    for side, suffix in (("pruned", ""), ("dense", "_dense")):
+        if zero_shot.get(side):
+            out[f"zero_shot_mean_acc{suffix}"] = zero_shot[side].get("mean_acc")
+    return out

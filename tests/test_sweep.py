@@ -1,0 +1,268 @@
+"""cli.py sweep (a grid of points, resumable), the plots, the loggers and the model card."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+import wanda_pl.commands.prune as prune_command
+import wanda_pl.commands.sweep as sweep_command
+from conftest import ROOT, run_cli
+from wanda_pl.commands.card import base_of, front_matter, model_card
+from wanda_pl.commands.plots import DPI, METRIC_SIZE, layers_png, layers_size, metric_png
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+SEQLEN, NSAMPLES, WINDOWS = 32, 4, 4
+
+
+def args(command, model_dir, text_file, out, *extra):
+    return [command, "--model.name_or_path", str(model_dir), "--data.calibration", str(text_file),
+            "--data.evaluation", str(text_file), "--data.nsamples", str(NSAMPLES), "--data.seqlen", str(SEQLEN),
+            "--data.max_eval_windows", str(WINDOWS), "--trainer.enable_progress_bar", "false",
+            "--output_dir", str(out), *extra]
+
+
+GRID = ("--sweep.methods", "[magnitude,wanda]", "--sweep.ratios", "[0.3,0.6]", "--sweep.types", "[unstructured,2:4]")
+POINTS = ["magnitude-unstructured-0.3", "wanda-unstructured-0.3", "magnitude-unstructured-0.6",
+          "wanda-unstructured-0.6", "magnitude-2of4", "wanda-2of4"]
+
+
+@pytest.fixture
+def prune_calls(monkeypatch):
+    """The points that really ran (prune called), by output folder name."""
+    calls = []
+    real = sweep_command.prune
+
+    def spy(trainer, model, datamodule, output_dir, *a, **k):
+        calls.append(Path(output_dir).name)
+        return real(trainer, model, datamodule, output_dir, *a, **k)
+
+    monkeypatch.setattr(sweep_command, "prune", spy)
+    return calls
+
+
+@pytest.fixture
+def validations(monkeypatch):
+    calls = []
+    import lightning.pytorch as pl
+
+    real = pl.Trainer.validate
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pl.Trainer, "validate", spy)
+    return calls
+
+
+def _png(path):
+    with Image.open(path) as im:
+        im.load()
+        return im.size, im.tobytes()
+
+
+def test_sweep_writes_rows_equal_to_each_points_report(tiny_dirs, text_file, tmp_path, prune_calls, validations):
+    out = tmp_path / "sweep"
+    err, _ = run_cli(args("sweep", tiny_dirs["llama"], text_file, out, *GRID))
+    assert err is None, err
+    assert prune_calls == POINTS  # "2:4" unquoted: YAML's base-60 124 read back as 2:4
+    assert len(validations) == 1 + len(POINTS)  # the dense baseline once, then each pruned model
+    with open(out / "sweep.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [r["point"] for r in rows] == [r["point"] for r in summary["rows"]] == POINTS
+    dense = json.loads((out / "dense.json").read_text())["metrics"]["ppl"]
+    for row, jrow in zip(rows, summary["rows"]):
+        report = json.loads((out / row["point"] / "report.json").read_text())
+        for key in ("method", "sparsity_type", "allocation"):
+            assert row[key] == jrow[key] == report[key]
+        for key in ("sparsity_ratio", "actual_sparsity", "ppl", "ppl_dense"):
+            assert float(row[key]) == jrow[key] == report[key], key  # repr round-trips a float exactly
+        assert float(row["time_total_s"]) == report["time_s"]["total"]
+        assert report["ppl_dense"] == dense
+        assert report["sweep"]["point"] == row["point"]
+        assert (out / row["point"] / "layers.png").is_file()
+    assert {r["sparsity_type"] for r in rows} == {"unstructured", "2:4"}
+    assert summary["dense"]["ppl"] == dense
+    size, _ = _png(out / "ppl_vs_sparsity.png")
+    assert size == (int(METRIC_SIZE[0] * DPI), int(METRIC_SIZE[1] * DPI))
+    w, h = layers_size(2, 7)  # tiny Llama: 2 blocks, q k v o gate up down
+    assert _png(out / POINTS[0] / "layers.png")[0] == (round(w * DPI), round(h * DPI))
+    # The folder is ours as a whole: a second identical sweep runs nothing and is not refused.
+    prune_calls.clear()
+    err, _ = run_cli(args("sweep", tiny_dirs["llama"], text_file, out, *GRID))
+    assert err is None, err
+    assert prune_calls == []
+    assert all(r["resumed"] for r in json.loads((out / "sweep.json").read_text())["rows"])
+
+
+def test_interrupted_sweep_resumes_without_recomputing(tiny_dirs, text_file, tmp_path, prune_calls, monkeypatch):
+    out = tmp_path / "sweep"
+    real = prune_command.prune
+    ran = []
+
+    def second_point_interrupted(trainer, model, datamodule, output_dir, *a, **k):
+        if ran:
+            raise KeyboardInterrupt  # Ctrl-C during the second point
+        ran.append(1)
+        return real(trainer, model, datamodule, output_dir, *a, **k)
+
+    monkeypatch.setattr(sweep_command, "prune", second_point_interrupted)
+    grid = ("--sweep.methods", "[magnitude,wanda]", "--sweep.ratios", "[0.5]")
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(args("sweep", tiny_dirs["llama"], text_file, out, *grid))
+    first = out / "magnitude-unstructured-0.5" / "report.json"
+    before = first.read_bytes()
+    assert not (out / "wanda-unstructured-0.5").exists()
+    monkeypatch.setattr(sweep_command, "prune", real)
+    calls = []
+
+    def spy(trainer, model, datamodule, output_dir, *a, **k):
+        calls.append(Path(output_dir).name)
+        return real(trainer, model, datamodule, output_dir, *a, **k)
+
+    monkeypatch.setattr(sweep_command, "prune", spy)
+    err, _ = run_cli(args("sweep", tiny_dirs["llama"], text_file, out, *grid))
+    assert err is None, err
+    assert calls == ["wanda-unstructured-0.5"]
+    assert first.read_bytes() == before
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [(r["point"], r["resumed"]) for r in rows] == [("magnitude-unstructured-0.5", True),
+                                                          ("wanda-unstructured-0.5", False)]
+    # Other settings for the same point names: run again, not kept.
+    calls.clear()
+    err, _ = run_cli(args("sweep", tiny_dirs["llama"], text_file, out, *grid, "--seed_everything", "1"))
+    assert err is None, err
+    assert calls == ["magnitude-unstructured-0.5", "wanda-unstructured-0.5"]
+
+
+@pytest.mark.slow
+def test_sweep_killed_outright_resumes(tiny_dirs, text_file, tmp_path):
+    """SIGKILL after the first point (no cleanup at all): the rerun keeps that point, removes the
+    second point's stage left behind, and runs only the rest."""
+    out = tmp_path / "sweep"
+    grid = ("--sweep.methods", "[magnitude,wanda]", "--sweep.ratios", "[0.5]")
+    cmd = [sys.executable, str(ROOT / "cli.py"), *args("sweep", tiny_dirs["llama"], text_file, out, *grid)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "magnitude-unstructured-0.5" / "report.json"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists()
+    before = first.read_bytes()
+    (out / ".wanda-unstructured-0.5.partial.abc12345").mkdir(exist_ok=True)  # as a kill mid-point leaves it
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert first.read_bytes() == before
+    assert "magnitude-unstructured-0.5: finished before with the same settings, kept" in done.stdout + done.stderr
+    assert not list(out.glob(".*.partial.*"))
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["point"] for r in rows] == ["magnitude-unstructured-0.5", "wanda-unstructured-0.5"]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (("--sweep.methods", "[]"), "sweep.methods is empty"),
+    (("--sweep.ratios", "[0.3,1.5]"), "sweep point wanda-unstructured-1.5"),
+    (("--sweep.types", "[unstructured,2:4]", "--pruning.use_variant", "true"), "sweep point wanda-2of4"),
+    (("--sweep.methods", "[wanda,nonsense]"), "sweep point nonsense-unstructured-0.5"),
+    (("--sweep.methods", "[magnitude,wanda]", "--pruning.bias_correction", "true"), "sweep point magnitude-unstructured-0.5"),
+])
+def test_bad_grid_refused_before_any_point(tiny_dirs, text_file, tmp_path, validations, extra, expected):
+    out = tmp_path / "sweep"
+    err, _ = run_cli(args("sweep", tiny_dirs["llama"], text_file, out, *extra))
+    assert err is not None and expected in err, err
+    assert validations == []
+    assert not out.exists()
+
+
+def test_plots_differ_when_data_differ(tmp_path):
+    rows = [{"point": f"wanda-{r}", "method": "wanda", "allocation": "uniform", "sparsity_type": "unstructured",
+             "actual_sparsity": r, "ppl": 20 + 100 * r ** 3} for r in (0.3, 0.5, 0.7)]
+    rows.append({"point": "wanda-2of4", "method": "wanda", "allocation": "uniform", "sparsity_type": "2:4",
+                 "actual_sparsity": 0.5, "ppl": 60.0})
+    a = _png(metric_png(tmp_path / "a.png", rows, "ppl", "perplexity", 19.0, log=True))
+    b = _png(metric_png(tmp_path / "b.png", [{**r, "ppl": r["ppl"] * 1.5} for r in rows], "ppl", "perplexity", 19.0,
+                        log=True))
+    a2 = _png(metric_png(tmp_path / "a2.png", rows, "ppl", "perplexity", 19.0, log=True))
+    assert a[0] == b[0] == (800, 500)
+    assert a[1] != b[1]
+    assert a[1] == a2[1]  # the same data draw the same picture
+    layers = {f"model.layers.{i}.{t}": 0.5 + 0.01 * i for i in range(4) for t in ("q", "k", "mlp.up")}
+    la = _png(layers_png(tmp_path / "la.png", layers, layers))
+    lb = _png(layers_png(tmp_path / "lb.png", {**layers, "model.layers.2.q": 0.9}, layers))
+    w, h = layers_size(4, 3)
+    assert la[0] == lb[0] == (round(w * DPI), round(h * DPI))
+    assert la[1] != lb[1]
+
+
+def test_prune_logs_to_the_users_logger(tiny_dirs, text_file, tmp_path):
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    err, _ = run_cli(args("prune", tiny_dirs["llama"], text_file, out, "--trainer.logger",
+                          "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(logs)))
+    assert err is None, err
+    report = json.loads((out / "report.json").read_text())
+    (metrics_file,) = logs.glob("lightning_logs/version_*/metrics.csv")
+    with open(metrics_file, newline="") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("actual_sparsity")]
+    assert len(logged) == 1
+    row = logged[0]
+    assert float(row["ppl"]) == pytest.approx(report["ppl"], rel=1e-12)
+    assert float(row["ppl_dense"]) == pytest.approx(report["ppl_dense"], rel=1e-12)
+    assert float(row["actual_sparsity"]) == pytest.approx(report["actual_sparsity"], rel=1e-12)
+    assert float(row["time_s/prune"]) == report["time_s"]["prune"]
+    for name, value in report["layers"].items():
+        assert float(row[f"sparsity/{name}"]) == pytest.approx(value, rel=1e-12)
+    hparams = yaml.safe_load(next(logs.glob("lightning_logs/version_*/hparams.yaml")).read_text())
+    assert hparams["method"] == "wanda" and hparams["nsamples"] == NSAMPLES
+
+
+def test_saved_model_has_a_card_with_the_reports_numbers(tiny_dirs, text_file, tmp_path):
+    out = tmp_path / "run"
+    err, _ = run_cli(args("prune", tiny_dirs["llama"], text_file, out, "--save_model", "true",
+                          "--pruning.sparsity_type", "2:4"))
+    assert err is None, err
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads((out / "model" / "report.json").read_text()) == report
+    card = (out / "model" / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["base_model"] == str(tiny_dirs["llama"])
+    assert {"pruned", "wanda", "2-4-sparsity", "sparsity-50"} <= set(meta["tags"])
+    metrics = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {"perplexity (pruned)": report["ppl"], "perplexity (dense)": report["ppl_dense"]}
+    assert f"{report['ppl']:.3f}" in card and str(out / "model") in card
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "model")  # the card and report beside the weights do not hurt
+
+
+def test_card_names_the_original_base_and_its_license(tmp_path):
+    embedded = {"model": "smollm2-135m", "model_path": "/nowhere", "method": "wanda", "sparsity_type": "unstructured",
+                "actual_sparsity": 0.5, "ppl": 40.0, "ppl_dense": 20.0}
+    assert base_of(embedded) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
+    first = tmp_path / "pruned"
+    first.mkdir()
+    (first / "README.md").write_text(model_card(embedded, str(first)))
+    again = {**embedded, "model": str(first), "model_path": str(first)}  # e.g. fine-tuning the pruned folder
+    assert base_of(again) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
+    foreign = tmp_path / "hub"
+    foreign.mkdir()
+    (foreign / "README.md").write_text("---\nlicense: llama2\n---\n# Llama\n")
+    assert base_of({**embedded, "model": "meta-llama/Llama-2-7b-hf", "model_path": str(foreign)}) == \
+        ("meta-llama/Llama-2-7b-hf", "llama2")
+    fit = {**embedded, "metrics_before": {"ppl": 40.0}, "metrics_after": {"ppl": 30.0}, "sparsity_after": 0.5,
+           "finetune": "lora", "steps": 10}
+    meta = front_matter(model_card(fit, "x/model"))
+    assert "fine-tuned" in meta["tags"]
+    values = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert values == {"perplexity (after)": 30.0, "perplexity (before fine-tuning)": 40.0}

@@ -1,0 +1,137 @@
+"""The model card (``README.md``, Hugging Face metadata in its YAML front matter) written into every
+saved model folder, with the run's ``report.json`` beside it.
+
+The card says what was done (method, sparsity, calibration), what it cost (the measured metrics
+with the settings that decide them) and how to reload the folder. Numbers in the front matter's
+``model-index`` are the report's own, unrounded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import yaml
+
+from .report import atomic_write, headline, write_json
+
+CARD = "README.md"
+_LABELS = {"ppl": "perplexity", "top1": "top-1 accuracy", "top5": "top-5 accuracy",
+           "agreement": "top-1 agreement with the dense model", "zero_shot_mean_acc": "zero-shot mean accuracy"}
+
+
+def front_matter(text: str) -> Dict[str, Any]:
+    """The YAML metadata block at the top of a model card ({} when there is none)."""
+    if not text.startswith("---\n"):
+        return {}
+    end = text.find("\n---", 4)
+    if end < 0:
+        return {}
+    meta = yaml.safe_load(text[4:end])
+    return meta if isinstance(meta, dict) else {}
+
+
+def base_of(report: Mapping[str, Any]) -> Tuple[str, Optional[str]]:
+    """(base model, its licence or None): an embedded asset's hub original; a folder's own card
+    (one of ours names the original base again); else the name as given."""
+    from ..assets.registry import REGISTRY
+
+    name = str(report.get("model"))
+    asset = REGISTRY.get(name)
+    if asset is not None and asset.hub_id:
+        return asset.hub_id, asset.license or None
+    path = report.get("model_path")
+    card = Path(path) / CARD if path else None
+    meta = front_matter(card.read_text(errors="replace")) if card is not None and card.is_file() else {}
+    if "wanda_pl" in (meta.get("tags") or []) and meta.get("base_model"):
+        return str(meta["base_model"]), meta.get("license")
+    return name, meta.get("license")
+
+
+def _results(report: Mapping[str, Any]) -> Tuple[str, str, List[Tuple[str, Any, Any]]]:
+    """(before label, after label, [(metric, before, after)]) for a prune or a fit report."""
+    if "metrics_after" in report:  # fit
+        before, after = report.get("metrics_before") or {}, report["metrics_after"]
+        rows = [(k, before.get(k), after[k]) for k in _LABELS if isinstance(after.get(k), (int, float))]
+        b, a = (before.get("zero_shot") or {}).get("mean_acc"), (after.get("zero_shot") or {}).get("mean_acc")
+        if a is not None:
+            rows.append(("zero_shot_mean_acc", b, a))
+        return "before fine-tuning", "after", rows
+    nums = headline(report)
+    return "dense", "pruned", [(k, nums.get(f"{k}_dense"), nums[k]) for k in _LABELS if nums.get(k) is not None]
+
+
+def _evaluated_on(report: Mapping[str, Any]) -> str:
+    if report.get("seqlen") is not None:
+        return f"{report.get('evaluation')}, {report.get('eval_windows')} windows of {report.get('seqlen')} tokens"
+    return f"{report.get('evaluation')}, {report.get('eval_images')} labelled images"
+
+
+def model_card(report: Mapping[str, Any], where: str) -> str:
+    """The card of the model saved by the run ``report`` describes, to be reloaded from ``where``."""
+    base, licence = base_of(report)
+    llm = "timm_name" not in report
+    fit = "metrics_after" in report
+    method, stype = report.get("method"), str(report.get("sparsity_type"))
+    sparsity = report.get("sparsity_after", report.get("actual_sparsity"))
+    tags = ["wanda_pl", "pruned", "sparse", str(method), stype.replace(":", "-") + ("-sparsity" if ":" in stype else "")]
+    tags += [f"sparsity-{round(100 * sparsity)}"] if isinstance(sparsity, (int, float)) else []
+    tags += ["fine-tuned"] if fit else []
+    before, after, rows = _results(report)
+    metrics = [{"type": k, "name": f"{_LABELS[k]} ({after})", "value": a} for k, _, a in rows]
+    metrics += [{"type": k, "name": f"{_LABELS[k]} ({before})", "value": b} for k, b, _ in rows if b is not None]
+    meta: Dict[str, Any] = {"base_model": base, **({"license": licence} if licence else {}),
+                            "library_name": "transformers" if llm else "timm",
+                            "pipeline_tag": "text-generation" if llm else "image-classification", "tags": tags}
+    if metrics:
+        meta["model-index"] = [{"name": Path(where).parent.name or "model", "results": [{
+            "task": {"type": meta["pipeline_tag"]},
+            "dataset": {"name": str(report.get("evaluation")), "type": str(report.get("evaluation"))},
+            "metrics": metrics}]}]
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
+             f"# {Path(base).name}: {method} {stype}, sparsity {_pct(sparsity)}" + (" (fine-tuned)" if fit else ""), "",
+             f"Pruned with wanda_pl {report.get('versions', {}).get('wanda_pl', '')} from "
+             f"`{base}` (loaded from `{report.get('model_path')}`).", "",
+             "| setting | value |", "| --- | --- |",
+             f"| method | {method} (granularity {report.get('granularity')}, allocation {report.get('allocation')}) |",
+             f"| sparsity | target {report.get('sparsity_ratio')} {stype}; actual {_pct(sparsity)} of the "
+             f"prunable weights ({len(report.get('layers') or {})} layers) |",
+             f"| calibration | {report.get('nsamples')} samples"
+             + (f" x {report.get('seqlen')} tokens" if report.get("seqlen") else "")
+             + f" of {report.get('calibration')}, seed {report.get('seed')} |",
+             f"| evaluated on | {_evaluated_on(report)} |", ""]
+    if fit:
+        lines[-1:] = [f"| fine-tuning | {report.get('finetune')}, {report.get('steps')} steps |", ""]
+    if rows:
+        lines += ["## Results", "", f"| metric | {before} | {after} |", "| --- | --- | --- |"]
+        lines += [f"| {_LABELS[k]} | {_num(b)} | {_num(a)} |" for k, b, a in rows] + [""]
+    lines += ["## How to reload", "", "```python"]
+    if llm:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f"model = AutoModelForCausalLM.from_pretrained({where!r})",
+                  f"tokenizer = AutoTokenizer.from_pretrained({where!r})"]
+    else:
+        lines += ["from wanda_pl.modules.classifier import Classifier", "",
+                  f"module = Classifier(checkpoint_path={where!r})  # module.model: the timm network"]
+    lines += ["```", "",
+              "The pruned weights are zeros in dense tensors. To fine-tune with every zero kept: "
+              f"`python cli.py fit --model.name_or_path {where} --pruning.masks_from zeros ...`.", "",
+              "`report.json` beside this card holds every setting of the run (the full config, calibration, "
+              "library versions, timings, per-layer sparsity).", ""]
+    return "\n".join(lines)
+
+
+def write_card(folder, report: Mapping[str, Any], where) -> None:
+    """``README.md`` and ``report.json`` into the saved model ``folder`` (reloaded later from ``where``)."""
+    folder = Path(folder)
+    write_json(folder / "report.json", report)
+    atomic_write(folder / CARD, model_card(report, str(where)))
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.2f}%" if isinstance(x, (int, float)) else "n/a"
+
+
+def _num(x) -> str:
+    if not isinstance(x, (int, float)):
+        return "n/a"
+    return f"{x:.4f}" if abs(x) < 10 else f"{x:.3f}"

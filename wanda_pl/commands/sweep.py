@@ -1,0 +1,219 @@
+"""The ``sweep`` command: one model and one calibration set pruned at every point of a grid of
+methods x sparsity ratios x sparsity types (x allocations).
+
+The dense baseline is measured once; each point is a full ``prune`` run into its own subfolder
+of ``output_dir`` (its ``report.json``, ``layers.png``, optionally the model). A point whose
+folder already holds a finished report with the same settings is not run again, so an
+interrupted sweep resumes where it stopped. After every point ``sweep.csv``, ``sweep.json`` and
+the plots (``ppl_vs_sparsity.png``; ``top1_vs_sparsity.png`` and ``agreement_vs_sparsity.png``
+for classifiers) are rewritten atomically from the points' own reports.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from tqdm.auto import tqdm
+
+from ..callbacks import Pruning, ZeroShot
+from ..callbacks.lookup import find_callback
+from ..core.sparsity import SparsitySpec
+from ..modules.protocol import require
+from .common import Evaluation, evaluate, lightning_writes
+from .lock import output_lock
+from .outputs import MARKER, check_output_dir, claim, owned_entries, remove_leftovers, run_inputs
+from .prune import prune
+from .report import write_json
+from .sweep_files import row_of, write_summary
+
+log = logging.getLogger(__name__)
+DENSE = "dense.json"
+
+
+@dataclass
+class Grid:
+    """The points of a sweep.
+
+    Args:
+        methods: pruning methods (unset: ``--pruning.method``).
+        ratios: sparsity ratios of the unstructured points, each in [0, 1) (unset:
+            ``--pruning.sparsity_ratio``). N:M points take N/M.
+        types: sparsity types: ``unstructured`` and/or N:M patterns (``2:4``, ``4:8``).
+        allocations: allocations of the unstructured points: ``uniform``, ``owl``, ``profile``
+            (unset: ``--pruning.allocation``); N:M points are uniform.
+    """
+
+    methods: Optional[List[str]] = None
+    ratios: Optional[List[float]] = None
+    # int: YAML 1.1 reads an unquoted 2:4 as the base-60 number 124 (2 * 60 + 4); see _sparsity_type.
+    types: Optional[List[Union[str, int]]] = None
+    allocations: Optional[List[str]] = None
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str
+    sparsity_type: str
+    sparsity_ratio: Optional[float]  # None: N/M
+    allocation: str = "uniform"
+
+    @property
+    def name(self) -> str:
+        """The point's subfolder: ``wanda-unstructured-0.5``, ``wanda-owl-unstructured-0.7``, ``sparsegpt-2of4``."""
+        alloc = "" if self.allocation == "uniform" else f"-{self.allocation}"
+        what = self.sparsity_type.replace(":", "of") if self.sparsity_ratio is None else \
+            f"{self.sparsity_type}-{self.sparsity_ratio:g}"
+        return f"{self.method}{alloc}-{what}"
+
+
+def _sparsity_type(value: Union[str, int]) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):  # base-60 back to N:M (M < 60 is all YAML reads so)
+        return f"{value // 60}:{value % 60}"
+    return str(value)
+
+
+def points(grid: Grid, base: Pruning) -> List[Tuple[Point, Pruning]]:
+    """Every point of ``grid`` with its Pruning callback (``base``'s settings otherwise); a grid that
+    is empty or a point the settings refuse fails here, naming the point, before any work."""
+    args = base.init_args
+    methods = grid.methods if grid.methods is not None else [args["method"]]
+    ratios = grid.ratios if grid.ratios is not None else [base.spec.ratio]
+    types = [_sparsity_type(t) for t in grid.types] if grid.types is not None else [base.spec.type]
+    allocations = grid.allocations if grid.allocations is not None else [args["allocation"]]
+    for key, values in (("methods", methods), ("types", types), ("allocations", allocations)):
+        if not values:
+            raise ValueError(f"sweep.{key} is empty: the sweep has no points; give at least one")
+    if not ratios and "unstructured" in types:
+        raise ValueError("sweep.ratios is empty but sweep.types has unstructured: give at least one ratio")
+    grid_points: List[Point] = []
+    for stype in dict.fromkeys(types):
+        spec = SparsitySpec.parse(stype, None) if stype != "unstructured" else None
+        for ratio in ([None] if spec is not None and spec.structured else dict.fromkeys(ratios)):
+            for alloc in (["uniform"] if ratio is None else dict.fromkeys(allocations)):
+                grid_points += [Point(m, stype, None if ratio is None else float(ratio), alloc)
+                                for m in dict.fromkeys(methods)]
+    out = []
+    for point in grid_points:
+        try:
+            out.append((point, Pruning(**{**args, "method": point.method, "sparsity_type": point.sparsity_type,
+                                          "sparsity_ratio": point.sparsity_ratio, "allocation": point.allocation,
+                                          "enabled": False})))
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"sweep point {point.name}: {err}") from None
+    return out
+
+
+def _fingerprint(point: Point, pruning: Pruning, model, datamodule, config: Optional[Dict[str, Any]]) -> str:
+    """What decides a point's numbers, hashed: its pruning settings, the model, the data and every
+    config value outside the trainer's plumbing and the outputs."""
+    decided = {k: v for k, v in (config or {}).items() if k not in ("output_dir", "sweep", "save_model", "trainer",
+                                                                    "pruning")}
+    decided["precision"] = ((config or {}).get("trainer") or {}).get("precision")
+    blob = json.dumps({"point": asdict(point), "pruning": pruning.describe(), "model": model.describe(),
+                       "data": datamodule.describe(), "config": decided}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _finished(folder: Path, fingerprint: str) -> Optional[Dict[str, Any]]:
+    """The finished report of an earlier run of this very point, or None."""
+    if owned_entries(folder) is None:
+        return None
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if (report.get("sweep") or {}).get("fingerprint") == fingerprint else None
+
+
+def sweep(trainer, model, datamodule, grid: Optional[Grid] = None, output_dir: str = "outputs/sweep",
+          save_model: bool = False, config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Prune at every point of ``grid`` (see the module docstring); returns the summary (``sweep.json``)."""
+    model = require(model)
+    base = find_callback(trainer, Pruning, needed_for="the sweep command")
+    zero_shot = find_callback(trainer, ZeroShot)
+    grid = grid or Grid()
+    todo = points(grid, base)
+    inputs, writes = run_inputs(config, model=model.path), lightning_writes(trainer)
+    out = Path(output_dir).expanduser().absolute()
+    if trainer.is_global_zero:
+        remove_leftovers(out)  # of points killed outright: they would make the folder look foreign
+    out = check_output_dir(output_dir, inputs, writes)
+    datamodule.prepare_for(model)
+    for point, pruning in todo:
+        try:
+            pruning.check(model)
+        except (ValueError, NotImplementedError) as err:
+            raise ValueError(f"sweep point {point.name}: {err}") from None
+    prints = {p.name: _fingerprint(p, cb, model, datamodule, config) for p, cb in todo}
+    done = {p.name: r for p, _ in todo if (r := _finished(out / p.name, prints[p.name])) is not None}
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        claim(out, [], "sweep")
+    with ExitStack() as held:
+        if trainer.is_global_zero:  # one sweep at a time in a folder
+            held.enter_context(output_lock(out, output_dir))
+        rows = _points(trainer, model, datamodule, zero_shot, base, grid, todo, prints, done, out, save_model, config)
+    if trainer.is_global_zero:
+        print(f"sweep: {len(rows)} points ({len(done)} kept from before): {out / 'sweep.csv'}")
+    return json.loads((out / "sweep.json").read_text()) if trainer.is_global_zero else {"rows": rows}
+
+
+def _points(trainer, model, datamodule, zero_shot, base, grid, todo, prints, done, out, save_model, config):
+    """Run (or keep) every point in order, rewriting the sweep's files after each; the rows."""
+    dense = _dense(trainer, model, datamodule, zero_shot, out, config, needed=len(done) < len(todo))
+    dense_state = copy.deepcopy(model.model.state_dict()) if len(done) < len(todo) else None
+    index = trainer.callbacks.index(base)
+    rows: List[Dict[str, Any]] = []
+    bar = tqdm(total=len(todo), desc="sweep", unit="point", position=0, disable=not trainer.is_global_zero)
+    try:
+        for step, (point, pruning) in enumerate(todo):
+            bar.set_postfix_str(point.name)
+            report = done.get(point.name)
+            if report is None:
+                model.model.load_state_dict(dense_state)  # each point starts from the dense weights
+                model.set_masks({})
+                trainer.callbacks[index] = pruning
+                point_config = None if config is None else {
+                    **config, "output_dir": str(out / point.name), "pruning": pruning.init_args}
+                report = prune(trainer, model, datamodule, str(out / point.name), save_model, True, point_config,
+                               dense=dense, step=step,
+                               sections={"sweep": {"sweep": {"point": point.name, "fingerprint": prints[point.name],
+                                                             "sweep_dir": str(out)}}})
+            else:
+                bar.write(f"{point.name}: finished before with the same settings, kept")
+            rows.append(row_of(point, report, resumed=point.name in done))
+            if trainer.is_global_zero:
+                mine = [point.name, f"{point.name}/{MARKER}", *(f"{point.name}/{e}" for e in owned_entries(out / point.name) or ())]
+                claim(out, mine, "sweep")
+                summary = write_summary(out, grid, rows, dense.metrics if dense is not None else None, report)
+                claim(out, summary["files"], "sweep")
+            bar.update()
+    finally:
+        trainer.callbacks[index] = base
+        bar.close()
+    return rows
+
+
+def _dense(trainer, model, datamodule, zero_shot, out: Path, config, needed: bool) -> Optional[Evaluation]:
+    """The dense baseline: measured once when any point runs (a classifier's agreement needs that
+    very pass), else the one recorded by the earlier run; kept in ``dense.json``."""
+    if not needed:
+        try:
+            saved = json.loads((out / DENSE).read_text())
+            return Evaluation(saved["metrics"], saved.get("zero_shot"), saved.get("seconds", 0.0))
+        except (OSError, ValueError, KeyError):
+            return None
+    dense = evaluate(trainer, model, datamodule, zero_shot)
+    if trainer.is_global_zero:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in dense.metrics.items() if isinstance(v, float))
+        print(f"dense baseline ({dense.seconds:.0f} s): {shown}", flush=True)
+        write_json(out / DENSE, {"metrics": dense.metrics, "zero_shot": dense.zero_shot, "seconds": dense.seconds,
+                                 "model": model.describe(), "data": datamodule.describe()})
+        claim(out, [DENSE], "sweep")
+    return dense

@@ -1,0 +1,63 @@
+"""A sweep's table and pictures, made from its points' own reports: ``sweep.csv``, ``sweep.json``
+and one ``<metric>_vs_sparsity.png`` per headline metric the model has."""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+from .plots import metric_png
+from .report import atomic_write, headline, versions, write_json
+
+# (column, file, axis label, log scale): the pictures a sweep draws when its rows have the column.
+PLOTS = (
+    ("ppl", "ppl_vs_sparsity.png", "perplexity (log scale)", True),
+    ("top1", "top1_vs_sparsity.png", "top-1 accuracy", False),
+    ("agreement", "agreement_vs_sparsity.png", "top-1 agreement with the dense model", False),
+)
+SETTINGS = ("model", "model_path", "dtype", "calibration", "evaluation", "nsamples", "seqlen", "seed",
+            "max_eval_windows", "eval_windows", "eval_images")
+
+
+def row_of(point, report: Mapping[str, Any], resumed: bool = False) -> Dict[str, Any]:
+    """One point's row: its settings, actual sparsity, metrics and times, all from its report."""
+    times = report.get("time_s") or {}
+    return {
+        "point": point.name, "method": report["method"], "allocation": report.get("allocation"),
+        "sparsity_type": report["sparsity_type"], "sparsity_ratio": report["sparsity_ratio"],
+        "actual_sparsity": report["actual_sparsity"], **headline(report),
+        **{f"time_{k}_s": v for k, v in times.items()},
+        "resumed": resumed,
+    }
+
+
+def to_csv(rows: List[Mapping[str, Any]]) -> str:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_summary(out: Path, grid, rows: List[Dict[str, Any]], dense: Optional[Mapping[str, Any]],
+                  last_report: Mapping[str, Any]) -> Dict[str, Any]:
+    """Rewrite the sweep's files from ``rows``; returns the summary with the ``files`` written."""
+    files = ["sweep.csv", "sweep.json"]
+    title = f"{last_report.get('model')}: {last_report.get('nsamples')} calibration samples" + \
+        (f" x {last_report['seqlen']} tokens" if last_report.get("seqlen") else "")
+    for column, name, label, log in PLOTS:
+        if any(r.get(column) is not None for r in rows):
+            reference = next((r.get(f"{column}_dense") for r in rows if r.get(f"{column}_dense") is not None), None)
+            metric_png(out / name, rows, column, label, reference, log, title)
+            files.append(name)
+    summary = {
+        "grid": asdict(grid), "points": [r["point"] for r in rows], "dense": dense,
+        "settings": {k: last_report.get(k) for k in SETTINGS if k in last_report},
+        "versions": versions(), "rows": rows, "files": files,
+    }
+    atomic_write(out / "sweep.csv", to_csv(rows))
+    write_json(out / "sweep.json", summary)
+    return summary
