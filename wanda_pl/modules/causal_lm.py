@@ -128,7 +128,10 @@ class CausalLM(L.LightningModule):
         if ppl is None:
             return
         self._metrics = {"ppl": ppl}
-        self.log("ppl", ppl, prog_bar=True, rank_zero_only=False, sync_dist=False)
+        # fp64 on the CPU: a python float would be logged as float32 and `validate` would print and
+        # return a rounded perplexity, unlike the report's
+        self.log("ppl", torch.tensor(ppl, dtype=torch.float64), prog_bar=True, rank_zero_only=False, sync_dist=False,
+                 batch_size=1)
 
     def validation_metrics(self) -> Dict[str, float]:
         return dict(self._metrics)
