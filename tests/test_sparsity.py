@@ -1,6 +1,7 @@
 """SparsitySpec parsing and the shared mask selection, against slow pure-Python implementations."""
-import math
+import bisect
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,7 +170,8 @@ def test_nm_mask_exact_per_group_and_matches_slow(nm, kind):
         per_group = mask.reshape(rows, cols // spec.m, spec.m).sum(-1)
         assert (per_group == spec.n).all()
         assert torch.equal(mask, slow_nm_mask(score, spec.n, spec.m))
-    assert torch.equal(nm_mask(score, spec.n, spec.m), mask)
+    # the low-level function too, against the slow one (not against select_mask, which calls it)
+    assert torch.equal(nm_mask(score, spec.n, spec.m), slow_nm_mask(score, spec.n, spec.m))
 
 
 def test_nm_groups_are_consecutive_input_columns():
@@ -215,7 +217,54 @@ def test_variant_hits_target_within_tolerance(shape, ratio, kind):
         if len(pruned) and len(kept):
             assert pruned.max() <= kept.min()
     # rows are allowed to differ (that is the point of the variant), the layer matches
-    assert torch.equal(mask, variant_mask(score, ratio))
+
+
+def slow_variant_mask(score, ratio, tol=1e-3):
+    """The reference's Wanda variant, row by row in Python: per row the sorted scores' running sum;
+    prune while it is <= alpha * row sum (and every score equal to the last one pruned); binary-search
+    alpha from 0.4 in [0, 0.8] while the layer's sparsity is more than ``tol`` off and the bracket is
+    at least ``tol`` wide. Integer scores keep every sum exact in fp32; the products and the
+    sparsity are rounded to fp32 as the tensors are."""
+    f32 = np.float32
+    rows = [sorted(r) for r in score.tolist()]
+    cums = [np.cumsum(np.array(r, dtype=np.float64)) for r in rows]  # exact: integers < 2^24
+    sums = [float(sum(r)) for r in score.tolist()]
+    numel = score.numel()
+
+    def at(alpha):
+        mask = torch.zeros(score.shape, dtype=torch.bool)
+        for i, (r, c, total) in enumerate(zip(rows, cums, sums)):
+            limit = float(f32(total) * f32(alpha))  # fp32 product, as row_sum * alpha
+            count = bisect.bisect_right(list(c), limit)
+            if count:
+                mask[i] = score[i] <= r[count - 1]
+        return mask, float(f32(int(mask.sum())) / f32(numel))
+
+    alpha, lo, hi = 0.4, 0.0, 0.8
+    mask, cur = at(alpha)
+    while abs(cur - ratio) > tol and hi - lo >= tol:
+        if cur > ratio:
+            alpha, hi = (alpha + lo) / 2.0, alpha
+        else:
+            alpha, lo = (alpha + hi) / 2.0, alpha
+        mask, cur = at(alpha)
+    return mask
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (33, 40), (8, 256)])
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.6])
+def test_variant_matches_slow_reference(shape, ratio):
+    g = torch.Generator().manual_seed(shape[0] * 7 + int(ratio * 10))
+    # integer scores with row-dependent spread, so rows differ and every running sum is exact
+    score = torch.randint(1, 40, shape, generator=g) ** torch.randint(1, 3, (shape[0], 1), generator=g) \
+        * torch.randint(1, 4, (shape[0], 1), generator=g)
+    score = score.float()
+    assert float(score.sum(1).max()) < 2 ** 24
+    mask = select_mask(score, SparsitySpec(ratio), "row", use_variant=True)
+    want = slow_variant_mask(score, ratio)
+    assert want.sum(1).unique().numel() > 1  # rows prune different counts: the search is exercised
+    assert torch.equal(mask, want)
+    assert torch.equal(variant_mask(score, ratio), want)
 
 
 def test_variant_rows_differ():
@@ -287,8 +336,10 @@ def test_bad_shapes_and_granularity():
         select_mask(torch.rand(4, 4), SparsitySpec(0.5), "column")
 
 
-def test_low_level_functions_agree_with_select_mask():
-    s = rand_scores((20, 48), 9)
-    assert torch.equal(row_mask(s, 0.5), select_mask(s, SparsitySpec(0.5), "row"))
-    assert torch.equal(layer_mask(s, 0.5), select_mask(s, SparsitySpec(0.5), "layer"))
-    assert math.isclose(select_mask(s, SparsitySpec(0.5), "layer").float().mean().item(), 0.5)
+@pytest.mark.parametrize("kind", ["abs", "ties"])
+def test_low_level_functions_match_the_slow_ones(kind):
+    s = rand_scores((20, 48), 9, kind)
+    for ratio in (0.25, 0.5, 0.9):
+        assert torch.equal(row_mask(s, ratio), slow_row_mask(s, ratio))
+        assert torch.equal(layer_mask(s, ratio), slow_layer_mask(s, ratio))
+        assert int(layer_mask(s, ratio).sum()) == int(20 * 48 * ratio)  # exactly, not about
