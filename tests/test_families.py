@@ -2,7 +2,6 @@
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ if str(ROOT) not in sys.path:  # cli.py lives at the repository root
     sys.path.insert(0, str(ROOT))
 
 from cli import main  # noqa: E402
+from test_cli import load_saved, simple_ppl  # noqa: E402
 
 REQUIRED = ("model", "method", "sparsity_type", "sparsity_ratio", "use_variant", "nsamples", "seqlen", "seed",
             "calibration", "evaluation", "actual_sparsity", "layers", "ppl_dense", "ppl", "time_s",
@@ -31,9 +31,6 @@ CASES = [
     ("magnitude", "unstructured"),
 ]
 
-TIMES = {}
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -51,21 +48,17 @@ def run_prune(model_dir, text_file, out, method, sparsity_type, *extra):
     if sparsity_type == "unstructured":
         args += ["--pruning.sparsity_ratio", "0.5"]
     saved, sys.argv = sys.argv, [str(ROOT / "cli.py")]  # LightningCLI warns about pytest's argv next to args
-    t0 = time.perf_counter()
     try:
         main(args=args)
     finally:
         sys.argv = saved
-    return time.perf_counter() - t0
 
 
 @pytest.mark.parametrize("method,sparsity_type", CASES)
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "opt", "gemma2"])
 def test_family_prunes_end_to_end(tiny_dirs, text_file, tmp_path, family, method, sparsity_type):
     out = tmp_path / "out"
-    elapsed = run_prune(tiny_dirs[family], text_file, out, method, sparsity_type)
-    TIMES[(family, method, sparsity_type)] = elapsed
-    print(f"{family} {method} {sparsity_type}: CLI run {elapsed:.2f} s in-process")
+    run_prune(tiny_dirs[family], text_file, out, method, sparsity_type, "--save_model", "true")
 
     report = json.loads((out / "report.json").read_text())
     missing = [k for k in REQUIRED if k not in report]
@@ -77,7 +70,7 @@ def test_family_prunes_end_to_end(tiny_dirs, text_file, tmp_path, family, method
     assert report["use_variant"] is False
     assert (report["nsamples"], report["seqlen"], report["seed"]) == (4, 32, 0)
     assert report["calibration"] == report["evaluation"] == str(text_file)
-    assert abs(report["actual_sparsity"] - 0.5) <= 1e-6
+    assert report["actual_sparsity"] == 0.5  # every layer's width is even (and a multiple of 4): exact
 
     layers = report["layers"]
     prefix, probe = LAYER_NAMES[family]
@@ -86,10 +79,15 @@ def test_family_prunes_end_to_end(tiny_dirs, text_file, tmp_path, family, method
     assert any(probe in name for name in layers)
     assert not any("lm_head" in n or "embed" in n or n.endswith("wte") for n in layers)
     for name, value in layers.items():
-        assert abs(value - 0.5) <= 1e-6, (name, value)
+        assert value == 0.5, (name, value)
 
-    for key in ("ppl_dense", "ppl"):
-        assert isinstance(report[key], float) and math.isfinite(report[key]) and report[key] > 1.0, (key, report[key])
+    # both perplexities, recomputed here from the logits of the dense folder and the saved pruned model
+    text = text_file.read_text()
+    pruned, tok = load_saved(out / "model")
+    dense, _ = load_saved(tiny_dirs[family])
+    for key, model in (("ppl_dense", dense), ("ppl", pruned)):
+        assert isinstance(report[key], float) and math.isfinite(report[key]), (key, report[key])
+        assert report[key] == pytest.approx(simple_ppl(model, tok, text, 32, 4), rel=1e-5), key
     assert report["ppl"] != report["ppl_dense"]
 
     t = report["time_s"]
@@ -103,8 +101,6 @@ def test_family_prunes_end_to_end(tiny_dirs, text_file, tmp_path, family, method
     assert report["peak_memory_mb"]["cpu_rss_mb"] > 0
     for pkg in ("torch", "lightning", "transformers", "python", "wanda_pl"):
         assert pkg in report["versions"]
-    # a whole run of a tiny model stays fast in-process (imports are paid once per session)
-    assert elapsed < 60, f"one in-process CLI run took {elapsed:.1f} s"
 
 
 def test_variant_end_to_end(tiny_dirs, text_file, tmp_path):
@@ -131,7 +127,7 @@ def test_bias_correction_end_to_end(tiny_dirs, text_file, tmp_path, family):
     run_prune(tiny_dirs[family], text_file, out, "magnitude", "unstructured", "--pruning.bias_correction", "true",
               "--save_model", "true")
     report = json.loads((out / "report.json").read_text())
-    assert report["bias_correction"] is True and abs(report["actual_sparsity"] - 0.5) <= 1e-6
+    assert report["bias_correction"] is True and report["actual_sparsity"] == 0.5
     ids = torch.load(out / "calibration_ids.pt")  # magnitude calibrates when correcting
     dense = AutoModelForCausalLM.from_pretrained(tiny_dirs[family]).eval()
     pruned = AutoModelForCausalLM.from_pretrained(out / "model").eval()
@@ -150,5 +146,5 @@ def test_bias_correction_end_to_end(tiny_dirs, text_file, tmp_path, family):
             x = torch.cat(seen[name])
             d, p = dense.get_submodule(name), pruned.get_submodule(name)
             assert not torch.equal(d.bias, p.bias), name
-            assert (p.weight == 0).float().mean() == pytest.approx(0.5, abs=1e-6)
+            assert int((p.weight == 0).sum()) == p.weight.numel() // 2, name
             torch.testing.assert_close(p(x).mean(0), d(x).mean(0), rtol=1e-4, atol=1e-4, msg=name)
