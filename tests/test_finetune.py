@@ -158,22 +158,55 @@ def test_checkpoint_and_resume_restore_the_masks(tiny_dirs, text_file, tmp_path)
     assert resumed.start_sparsity == 0.5
 
 
-def test_resume_lora_restores_adapters_and_masks(tiny_dirs, text_file, tmp_path):
+class AdapterSnapshots(L.Callback):
+    """The LoRA adapters when training starts (after any checkpoint is restored) and after each step."""
+
+    def __init__(self):
+        self.at_start, self.after_step = None, []
+
+    @staticmethod
+    def _grab(pl_module):
+        return {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for n, l in lora.lora_layers(pl_module.model).items()}
+
+    def on_train_start(self, trainer, pl_module):
+        self.at_start = self._grab(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after_step.append(self._grab(pl_module))
+
+
+def test_resume_lora_restores_adapters_and_masks_and_trains_on(tiny_dirs, text_file, tmp_path):
     dm = datamodule(text_file)
     first = CausalLM(str(tiny_dirs["llama"]), finetune="lora", learning_rate=1e-2)
     pruning = Pruning(method="magnitude", sparsity_type="2:4", enabled=True)
     t = trainer(pruning, max_steps=3)
     t.fit(first, datamodule=dm)
     t.save_checkpoint(tmp_path / "lora.ckpt")
+    saved = AdapterSnapshots._grab(first)
+    assert all(float(b.abs().sum()) > 0 for _, b in saved.values())  # B starts at zero: the first run trained
+
     second = CausalLM(str(tiny_dirs["llama"]), finetune="lora", learning_rate=1e-2)
     resumed = Pruning(method="magnitude", sparsity_type="2:4")
-    trainer(resumed, max_steps=3).fit(second, datamodule=datamodule(text_file), ckpt_path=str(tmp_path / "lora.ckpt"))
-    a, b = lora.lora_layers(first.model), lora.lora_layers(second.model)
-    assert a.keys() == b.keys() and len(a) == 4
-    for name in a:
-        assert torch.equal(a[name].lora_B, b[name].lora_B)  # restored, and no step left to take
+    snaps = AdapterSnapshots()
+    t2 = trainer(resumed, max_steps=6, extra=[snaps])
+    t2.fit(second, datamodule=datamodule(text_file), ckpt_path=str(tmp_path / "lora.ckpt"))
+    assert t2.global_step == 6 and len(snaps.after_step) == 3  # three more steps after resuming
+    assert resumed.outcome is None and resumed.masks_source.startswith("checkpoint")
+    b = lora.lora_layers(second.model)
+    assert b.keys() == saved.keys() and len(b) == 4
+    for name, (a0, b0) in saved.items():
+        # training started from the checkpoint's adapters ...
+        assert torch.equal(snaps.at_start[name][0], a0) and torch.equal(snaps.at_start[name][1], b0), name
+        # ... and every step after resuming moved them
+        prev = snaps.at_start[name]
+        for snap in snaps.after_step:
+            assert not torch.equal(snap[name][1], prev[1]) and not torch.equal(snap[name][0], prev[0]), name
+            prev = snap[name]
         assert torch.equal(b[name].lora_pruned, pruning.masks[name])
+        # the trained update is masked: the pruned weights' effective value stays exactly zero
+        assert torch.all(b[name].delta()[pruning.masks[name]] == 0), name
     assert_masks_kept(second, pruning.masks)
+    assert resumed.start_sparsity == 0.5 and overall_sparsity(second.all_targets()) == 0.5
 
 
 def test_masked_lora_merge_keeps_sparsity_and_outputs(tiny_dirs, text_file, tmp_path):
