@@ -238,22 +238,24 @@ def test_prune_with_zero_shot_reports_dense_and_pruned(tiny_dirs, text_file, tmp
 
     task = write_tiny_task(tmp_path)
     out = tmp_path / "out"
-    report, stdout = prune(tiny_dirs["llama"], text_file, out, *zero_shot_args(task, 7),
-                           "--pruning.sparsity_ratio", "0.7")
+    # magnitude 50% changes the answer to the eighth question: dense and pruned differ within the limit
+    report, stdout = prune(tiny_dirs["llama"], text_file, out, *zero_shot_args(task, 8),
+                           "--pruning.method", "magnitude")
     zs = report["zero_shot"]
     assert set(zs) == {"dense", "pruned"}
+    assert zs["dense"]["tasks"]["tiny_mc"]["acc"] != zs["pruned"]["tasks"]["tiny_mc"]["acc"]
     dense, tok = load_saved(tiny_dirs["llama"])
     pruned, _ = load_saved(out / "model")
     for phase, model in (("dense", dense), ("pruned", pruned)):
         res = zs[phase]
-        assert res["limit"] == 7 and res["tasks"]["tiny_mc"]["n"] == 7 and res["world_size"] == 1
-        assert res["tasks"]["tiny_mc"]["acc"] == pytest.approx(hand_accuracy(model, tok, 7), abs=1e-12), phase
+        assert res["limit"] == 8 and res["tasks"]["tiny_mc"]["n"] == 8 and res["world_size"] == 1
+        assert res["tasks"]["tiny_mc"]["acc"] == pytest.approx(hand_accuracy(model, tok, 8), abs=1e-12), phase
         assert res["mean_acc"] == res["tasks"]["tiny_mc"]["acc"]
     # the console table: one row per task with both accuracies and the difference, then the mean
     assert "zero-shot accuracy (%):" in stdout
     row = next(line for line in stdout.splitlines() if line.startswith("tiny_mc"))
     d, p = (100 * zs[k]["tasks"]["tiny_mc"]["acc"] for k in ("dense", "pruned"))
-    assert row.split()[1] == "7" and f"{d:.2f} ±" in row and f"{p:.2f} ±" in row and row.endswith(f"{p - d:+.2f}")
+    assert row.split()[1] == "8" and f"{d:.2f} ±" in row and f"{p:.2f} ±" in row and row.endswith(f"{p - d:+.2f}")
     assert any(line.startswith("mean (acc)") and f"{d:.2f}" in line for line in stdout.splitlines())
 
 
