@@ -140,6 +140,13 @@ def reference_eval_windows(text: str, tokenizer, seqlen: int) -> torch.Tensor:
     return torch.stack([ids[w * seqlen:(w + 1) * seqlen] for w in range(n)])
 
 
+def test_the_test_configuration_forces_offline_mode():
+    """conftest sets both switches whatever the environment says (run with HF_HUB_OFFLINE=0 to see)."""
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+
+
 # --------------------------------------------------------------------------- wikitext2
 def test_wikitext2_joins_train_with_space_and_test_with_blank_lines(hub):
     assert load_text("wikitext2", "calibration") == " ".join(WIKI_TRAIN)
