@@ -232,7 +232,6 @@ def hand_accuracy(model, tok, limit):
     return sum(hits) / len(hits)
 
 
-@pytest.mark.slow
 def test_prune_with_zero_shot_reports_dense_and_pruned(tiny_dirs, text_file, tmp_path):
     from test_zero_shot import write_tiny_task
 
