@@ -9,11 +9,11 @@ embedded SmolLM2-135M and held-out Wikipedia text: the shape of the paper's Tabl
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import Runner, settings_of, write_table
+from common import run_sweep, settings_of, write_table
 
 from wanda_pl.data.text_module import TextDataModule
+from wanda_pl.commands.sweep import Grid
 from wanda_pl.methods import method_names
 from wanda_pl.modules.causal_lm import CausalLM
 
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.5], help="unstructured sparsity ratios")
     ap.add_argument("--allocations", nargs="+", default=["uniform"], help="uniform | owl (unstructured rows)")
     ap.add_argument("--ablations", action="store_true", help="add sparsegpt and the four OBS-update ablations at 50%%")
+    ap.add_argument("--keep", metavar="DIR", help="keep the sweep folder (sweep.csv, ppl_vs_sparsity.png, reports)")
     ap.add_argument("--plan", nargs="+", metavar="METHOD/TYPE",
                     help="exactly these rows instead (e.g. wanda/2:4 ablate_mag_seq/unstructured): to fill in a table")
     args = ap.parse_args()
@@ -41,36 +42,32 @@ def main() -> None:
     module = CausalLM(args.model)
     dm = TextDataModule("wikipedia", "wikipedia", args.nsamples, args.seqlen, args.seed, args.eval_windows)
     dm.prepare_for(module)
-    runner = Runner(module, dm)
-    t0 = time.perf_counter()
-    dense = runner.dense_metrics()["ppl"]
-    rows = [f"| dense | - | - | - | {dense:.2f} | 0.0000 | - | - | {time.perf_counter() - t0:.1f} |"]
-    # (method, sparsity type, ratio or None for N:M, allocation)
-    plan = [(m, t, None, "uniform") if ":" in t else (m, t, r, a)
-            for t in args.types for r in ([None] if ":" in t else args.ratios)
-            for a in (["uniform"] if ":" in t else args.allocations) for m in methods]
+    # The rows are the sweep command's: the same code path as `python cli.py sweep`.
+    grids = [Grid(methods, args.ratios, args.types, args.allocations)]
     if args.ablations:
-        plan += [(m, "unstructured", 0.5, "uniform") for m in ABLATIONS if m in available]
+        grids.append(Grid([m for m in ABLATIONS if m in available], [0.5], ["unstructured"], ["uniform"]))
     if args.plan:
         plan = [tuple(p.split("/", 1)) for p in args.plan]
-        unknown = [m for m, _ in plan if m not in available]
+        unknown = [m for m, *_ in plan if m not in available]
         if unknown or any(len(p) != 2 for p in plan):
             ap.error(f"--plan takes METHOD/TYPE with METHOD in {available}; got {args.plan}")
-        plan = [(m, t, None if ":" in t else 0.5, "uniform") for m, t in plan]
-    report = None
-    for method, stype, ratio, allocation in plan:
-        report = runner.run(method=method, sparsity_type=stype, sparsity_ratio=ratio, allocation=allocation)
-        ts = report["time_s"]
-        rows.append(f"| {method} | {allocation} | {report['sparsity_type']} | {report['sparsity_ratio']:g} | "
-                    f"{report['ppl']:.2f} | {report['actual_sparsity']:.4f} | "
-                    f"{ts['prune']:.2f} | {ts['calibration']:.1f} | {ts['total']:.1f} |")
+        grids = [Grid([m for m, t in plan if t == stype], [0.5], [stype], ["uniform"])
+                 for stype in dict.fromkeys(t for _, t in plan)]
+    dense_metrics, dense_s, points = run_sweep(module, dm, grids, args.keep)
+    dense = dense_metrics["ppl"]
+    rows = [f"| dense | - | - | - | {dense:.2f} | 0.0000 | - | - | {dense_s:.1f} |"]
+    for r in points:
+        rows.append(f"| {r['method']} | {r['allocation']} | {r['sparsity_type']} | {r['sparsity_ratio']:g} | "
+                    f"{r['ppl']:.2f} | {r['actual_sparsity']:.4f} | "
+                    f"{r['time_prune_s']:.2f} | {r['time_calibration_s']:.1f} | {r['time_total_s']:.1f} |")
         print(rows[-1], flush=True)
+    report = {**dm.describe(), **module.describe()}
     header = ("| method | allocation | sparsity | ratio | perplexity | actual sparsity | mask+update time (s) | "
               "calibration forward (s) | total (s) |")
     name = "llm_prune_plan" if args.plan else "llm_prune_ablations" if args.ablations else \
         "llm_prune_allocation" if args.allocations != ["uniform"] else "llm_prune"
     write_table(name, header, rows,
-                settings_of(report or {}, ratios=args.ratios, allocations=args.allocations, dense_ppl=dense))
+                settings_of(report, ratios=args.ratios, allocations=args.allocations, dense_ppl=dense))
 
 
 if __name__ == "__main__":

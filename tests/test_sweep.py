@@ -15,6 +15,7 @@ from PIL import Image
 import wanda_pl.commands.prune as prune_command
 import wanda_pl.commands.sweep as sweep_command
 from conftest import ROOT, run_cli
+from test_vision import image_root  # noqa: F401  (the tiny image folder fixture)
 from wanda_pl.commands.card import base_of, front_matter, model_card
 from wanda_pl.commands.plots import DPI, METRIC_SIZE, layers_png, layers_size, metric_png
 
@@ -266,3 +267,31 @@ def test_card_names_the_original_base_and_its_license(tmp_path):
     assert "fine-tuned" in meta["tags"]
     values = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert values == {"perplexity (after)": 30.0, "perplexity (before fine-tuning)": 40.0}
+
+
+def test_classifier_sweep_plots_top1_and_agreement(image_root, tmp_path):
+    """A vision sweep through the API: the rows' top-1 and agreement are the points' reports', the
+    agreement is against the one dense pass (1.0 for a point that prunes nothing)."""
+    from test_vision import _tiny_vit, _trainer
+
+    from wanda_pl.callbacks import Calibration, Pruning
+    from wanda_pl.commands.sweep import Grid, sweep
+    from wanda_pl.data.images import ImageFolderDataModule
+
+    module = _tiny_vit(num_classes=3)
+    dm = ImageFolderDataModule(root=str(image_root), nsamples=4, batch_size=4)
+    trainer = _trainer(callbacks=[Pruning(), Calibration()])
+    summary = sweep(trainer, module, dm, Grid(methods=["magnitude", "wanda"], ratios=[0.0, 0.6]), str(tmp_path / "s"))
+    rows = {r["point"]: r for r in summary["rows"]}
+    assert set(rows) == {"magnitude-unstructured-0", "wanda-unstructured-0", "magnitude-unstructured-0.6",
+                         "wanda-unstructured-0.6"}
+    for name, row in rows.items():
+        report = json.loads((tmp_path / "s" / name / "report.json").read_text())
+        assert row["top1"] == report["accuracy"]["top1"]["pruned"]
+        assert row["agreement"] == report["accuracy"]["agreement"]["pruned"]
+        assert row["top1_dense"] == summary["dense"]["top1"]
+    assert rows["wanda-unstructured-0"]["agreement"] == 1.0 and rows["wanda-unstructured-0"]["actual_sparsity"] == 0
+    assert rows["wanda-unstructured-0.6"]["actual_sparsity"] > 0.5
+    for name in ("top1_vs_sparsity.png", "agreement_vs_sparsity.png"):
+        assert _png(tmp_path / "s" / name)[0] == (800, 500)
+    assert not (tmp_path / "s" / "ppl_vs_sparsity.png").exists()
