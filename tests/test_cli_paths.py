@@ -356,3 +356,39 @@ def test_natural_images_asset():
     for f in files[:: 61]:
         img = load_image(f, transform)
         assert img.dtype == torch.uint8 and tuple(img.shape) == (3, 32, 32)
+
+
+def test_classifier_validate_on_the_saved_folder_gives_the_reports_accuracies(tmp_path, monkeypatch):
+    import numpy as np
+
+    import cli
+    from test_vision import TINY_VIT, _write_png
+
+    rng = np.random.default_rng(1)
+    for i, cls in enumerate([0, 0, 1, 1, 2, 2, 2]):  # 7 labelled images: top-1 in sevenths, not exact in fp32
+        _write_png(tmp_path / "img" / "val" / str(cls) / f"{i}.png", rng)
+    for i in range(4):
+        _write_png(tmp_path / "img" / "train" / f"c{i}.png", rng)
+    kwargs = json.dumps({k: v for k, v in TINY_VIT.items() if k != "pretrained"})
+    data = ["--data.class_path", "wanda_pl.data.images.ImageFolderDataModule", "--data.root", str(tmp_path / "img"),
+            "--data.nsamples", "4", "--data.batch_size", "4", "--trainer.accelerator", "cpu",
+            "--trainer.enable_progress_bar", "false"]
+    out = tmp_path / "out"
+    torch.manual_seed(0)
+    error, _ = run_cli(["prune", "--model.class_path", "wanda_pl.modules.classifier.Classifier",
+                        "--model.name", "vit_tiny_patch16_224", "--model.num_classes", "6",
+                        "--model.model_kwargs", kwargs, "--model.data_config", '{"crop_pct": 1.0}', *data,
+                        "--pruning.sparsity_ratio", "0.7", "--save_model", "true", "--output_dir", str(out)])
+    assert error is None, error
+    report = json.loads((out / "report.json").read_text())
+    results = []
+    real = cli.WandaTrainer.validate
+    monkeypatch.setattr(cli.WandaTrainer, "validate", lambda self, *a, **k: results.append(real(self, *a, **k)) or results[-1])
+    error, stdout = run_cli(["validate", "--model.class_path", "wanda_pl.modules.classifier.Classifier",
+                             "--model.checkpoint_path", str(out / "model"), *data])
+    assert error is None, error
+    got = results[-1][0]
+    for key in ("top1", "top5"):
+        assert got[key] == report["accuracy"][key]["pruned"], key  # exactly, not to float32
+        assert repr(got[key]) in stdout
+    assert any(report["accuracy"][k]["pruned"] not in (0.0, 1.0) for k in ("top1", "top5"))  # a fraction to round

@@ -142,7 +142,9 @@ class Classifier(L.LightningModule):
         self._metrics = validation_results(self.top1, self.top5, self.agreement)
         for key in ("top1", "top5", "agreement"):
             if self._metrics[key] is not None:
-                self.log(key, self._metrics[key], prog_bar=True, rank_zero_only=False, sync_dist=False)
+                # fp64: a python float is logged as float32 and `validate` would print a rounded value
+                self.log(key, torch.tensor(self._metrics[key], dtype=torch.float64), prog_bar=True,
+                         rank_zero_only=False, sync_dist=False, batch_size=1)
 
     def validation_metrics(self) -> Dict[str, Any]:
         """``top1``, ``top5``, ``images``, ``labelled``, ``top1_correct``, ``agreement``,
