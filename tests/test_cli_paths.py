@@ -19,7 +19,7 @@ from test_sparsegpt import rel_err, slow_lowest, slow_nm_mask, slow_obs, slow_se
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SEQLEN, NSAMPLES, WINDOWS = 32, 4, 4  # those of test_cli.base_args
+SEQLEN, WINDOWS = 32, 4  # those of test_cli.base_args
 
 
 def prune(model_dir, text_file, out, *extra):
