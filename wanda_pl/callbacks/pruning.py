@@ -21,12 +21,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ..core import correction
-from ..core.allocation import check as allocation_check
-from ..core.allocation import owl_plan, profile_plan
+from ..core.allocation import Allocation
 from ..core.engine import PruneResult, check_targets, needs_activations, prune_sequential
 from ..core.plan import uniform
 from ..core.sparsity import SparsitySpec
 from ..methods import check_knobs, get_method
+from ..methods.compose import with_update
 from ..training.masks import check_strategy, masks_from, with_zeros
 from ..training.sharding import is_dtensor, is_sharded, local, local_mask
 from .calibration import Calibration
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 class Pruning(Callback):
     """Args:
-        method: magnitude | wanda | sparsegpt | ablate_{mag,wanda}_{seq,iter} | ria.
+        method: magnitude | wanda | sparsegpt | ablate_{mag,wanda}_{seq,iter} | ria | admm (gradual ADMM).
         sparsity_ratio: fraction of weights to prune, in [0, 1) (unset: N/M for N:M, else 0.5).
         sparsity_type: ``unstructured`` or ``N:M`` (N pruned of every M consecutive inputs, e.g. 2:4).
         use_variant: the Wanda variant (per-row threshold on cumulative scores; unstructured only).
@@ -45,6 +45,10 @@ class Pruning(Callback):
         blocksize: SparseGPT column block size.
         percdamp: SparseGPT damping, a fraction of the Hessian's mean diagonal.
         ria_alpha: RIA's exponent of the input norm (0.5 as its paper).
+        update: a weight update after a mask-only method: ``none`` or ``admm`` (ADMM's reconstruction
+            of the layer's outputs on the chosen mask); SparseGPT and the ablations keep their own.
+        admm_iterations, admm_rho, admm_percdamp, admm_gradual: ADMM's iterations (>= 1), penalty,
+            damping (of the scaled X^T X) and, for the ``admm`` method, the iterations its gradual mask takes.
         bias_correction: put back each pruned layer's mean output (``(W - W') E[x]``), into its bias or,
             for a bias-free conv, into the running mean of the BatchNorm it feeds; the methods then
             weigh activations about their mean (magnitude calibrates too). For conv nets with
@@ -73,6 +77,11 @@ class Pruning(Callback):
         blocksize: int = 128,
         percdamp: float = 0.01,
         ria_alpha: float = 0.5,
+        update: str = "none",
+        admm_iterations: int = 20,
+        admm_rho: float = 1.0,
+        admm_percdamp: float = 0.1,
+        admm_gradual: int = 15,
         bias_correction: bool = False,
         allocation: str = "uniform",
         owl_m: float = 5.0,
@@ -83,17 +92,18 @@ class Pruning(Callback):
     ) -> None:
         self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # sweeps vary them
         self.spec = SparsitySpec.parse(sparsity_type, sparsity_ratio)
-        self.method = get_method(method)
+        self.method, self.update = with_update(get_method(method), update), update
         if use_variant and (self.spec.structured or "use_variant" not in self.method.option_names):
             raise ValueError(f"pruning.use_variant needs unstructured sparsity and a method that has it (wanda), "
                              f"got method={method!r}, sparsity_type={self.spec.type!r}")
         self.knobs = dict(granularity=granularity, use_variant=use_variant, blocksize=blocksize, percdamp=percdamp,
-                          ria_alpha=ria_alpha)
+                          ria_alpha=ria_alpha, admm_iterations=admm_iterations, admm_rho=admm_rho,
+                          admm_percdamp=admm_percdamp, admm_gradual=admm_gradual)
         check_knobs(**self.knobs)  # every knob, whether or not this method reads it: a typo must not wait
         self.options = self.method.make_options(**self.knobs)
         self.bias_correction = bias_correction
-        allocation_check(allocation, self.spec, owl_m, owl_lambda, profile)
-        self.allocation, self.owl_m, self.owl_lambda, self.profile = allocation, owl_m, owl_lambda, profile
+        self.allocation = Allocation(allocation, owl_m, owl_lambda, profile)
+        self.allocation.check(self.spec)
         if masks_from is not None and masks_from != "zeros":
             path = Path(masks_from)
             if not (path / "masks.pt" if path.is_dir() else path).is_file():
@@ -111,41 +121,31 @@ class Pruning(Callback):
 
     def describe(self) -> dict:
         """The report's ``method`` section."""
-        hessian = {k: self.knobs[k] for k in ("blocksize", "percdamp")} if self.method.needs_hessian else {}
+        hessian = {k: self.knobs[k] for k in ("blocksize", "percdamp") if k in self.method.option_names}
         return {
-            "method": self.method.name, "sparsity_type": self.spec.type, "sparsity_ratio": self.spec.ratio,
+            "method": self.method.name, "update": self.update, "sparsity_type": self.spec.type, "sparsity_ratio": self.spec.ratio,
             "use_variant": self.knobs["use_variant"], "bias_correction": self.bias_correction,
             "granularity": self.knobs["granularity"] or self.method.default_granularity,
             **hessian,
             "method_options": self.method.describe_options(self.options),  # all the method itself reads
-            "allocation": self.allocation,
-            **({"owl_m": self.owl_m, "owl_lambda": self.owl_lambda} if self.allocation == "owl" else {}),
-            **({"profile": self.profile} if self.allocation == "profile" else {}),
+            **self.allocation.describe(),
             **({"masks_from": self.masks_from} if self.masks_from is not None else {}),
         }
-
-    def plan(self, pl_module, blocks, inputs=(), store_device="cpu", progress=False) -> Dict[str, SparsitySpec]:
-        """The sparsity of every target of ``blocks`` (OWL: from a dense pass over ``inputs``)."""
-        if self.allocation == "owl":
-            return owl_plan(blocks, list(inputs), pl_module.block_targets, self.spec.ratio, self.owl_m,
-                            self.owl_lambda, store_device, progress)
-        targets = {name: pl_module.block_targets(name, block) for name, block in blocks}
-        if self.allocation == "profile":
-            return profile_plan(self.profile, targets, self.spec.ratio)
-        return uniform(self.spec, [n for t in targets.values() for n in t])
 
     def check(self, pl_module) -> None:
         """Fail early when a layer cannot take the sparsity (e.g. M does not divide its width), the
         profile does not fit the model, or the bias correction has nowhere to go."""
         targets = pl_module.all_targets()
         blocks, _ = pl_module.prunable_blocks(None)
-        check_targets(targets, uniform(self.spec, targets) if self.allocation == "owl" else self.plan(pl_module, blocks))
+        owl = self.allocation.needs_activations  # its plan needs the dense pass: checked as uniform here
+        check_targets(targets, uniform(self.spec, targets) if owl else
+                      self.allocation.plan(self.spec, blocks, (), pl_module.block_targets))
         if self.bias_correction:
             correction.check_possible(targets, [pl_module])
 
     @property
     def needs_activations(self) -> bool:
-        return needs_activations(self.method, self.bias_correction) or self.allocation == "owl"
+        return needs_activations(self.method, self.bias_correction) or self.allocation.needs_activations
 
     # --- computing masks ---
     @contextmanager
@@ -167,7 +167,7 @@ class Pruning(Callback):
         store = calib.device_for(pl_module)
         blocks, inputs = pl_module.prunable_blocks(data, store)
         t_plan = time.perf_counter()
-        plan = self.plan(pl_module, blocks, inputs, store, trainer.is_global_zero)
+        plan = self.allocation.plan(self.spec, blocks, inputs, pl_module.block_targets, store, trainer.is_global_zero)
         t_plan = time.perf_counter() - t_plan  # OWL's dense statistics pass: calibration forwards too
         result = prune_sequential(
             blocks, inputs, pl_module.block_targets, self.method, plan, self.options,
@@ -176,7 +176,7 @@ class Pruning(Callback):
         )
         self.masks, self.masks_source = result.masks, "pruned"
         result.calibration_data_s, result.total_s = t1 - t0, time.perf_counter() - t1
-        result.forward_s += t_plan if self.allocation == "owl" else 0.0
+        result.forward_s += t_plan if self.allocation.needs_activations else 0.0
         self.outcome = result
         return self.outcome
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -131,3 +132,36 @@ def profile_plan(profile: Profile, blocks: Blocks, ratio: float) -> Dict[str, Sp
         raise ValueError(f"pruning.profile averages {mean:.6f} over the prunable weights, not the sparsity "
                          f"ratio {ratio:g}: scale it, or set --pruning.sparsity_ratio {mean:.6f}")
     return {n: SparsitySpec(float(v)) for n, v in layer_ratio.items()}
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One allocation with its options (``--pruning.allocation``, ``owl_m``, ``owl_lambda``, ``profile``)."""
+
+    kind: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    profile: Optional[Profile] = None
+
+    def check(self, spec: SparsitySpec) -> None:
+        check(self.kind, spec, self.owl_m, self.owl_lambda, self.profile)
+
+    @property
+    def needs_activations(self) -> bool:
+        return self.kind == "owl"  # OWL's outlier ratios come from a dense statistics pass
+
+    def describe(self) -> Dict[str, object]:
+        return {"allocation": self.kind,
+                **({"owl_m": self.owl_m, "owl_lambda": self.owl_lambda} if self.kind == "owl" else {}),
+                **({"profile": self.profile} if self.kind == "profile" else {})}
+
+    def plan(self, spec: SparsitySpec, blocks, inputs, targets_fn: TargetsFn, store_device="cpu",
+             progress: bool = False) -> Dict[str, SparsitySpec]:
+        """The sparsity of every target of ``blocks`` (OWL: from a dense pass over ``inputs``)."""
+        if self.kind == "owl":
+            return owl_plan(blocks, list(inputs), targets_fn, spec.ratio, self.owl_m, self.owl_lambda,
+                            store_device, progress)
+        targets = {name: targets_fn(name, block) for name, block in blocks}
+        if self.kind == "profile":
+            return profile_plan(self.profile, targets, spec.ratio)
+        return {n: spec for t in targets.values() for n in t}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from . import ablations, magnitude, ria, sparsegpt, wanda
+from . import ablations, admm, magnitude, ria, sparsegpt, wanda
 from .base import Method
 
 METHODS: Dict[str, Method] = {m.name: m for m in (
@@ -17,6 +17,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     sparsegpt.METHOD,
     *ablations.METHODS,
     ria.METHOD,
+    admm.METHOD,
 )}
 
 
