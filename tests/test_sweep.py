@@ -177,6 +177,7 @@ def test_sweep_killed_outright_resumes(tiny_dirs, text_file, tmp_path):
     (("--sweep.ratios", "[0.3,1.5]"), "sweep point wanda-unstructured-1.5"),
     (("--sweep.types", "[unstructured,2:4]", "--pruning.use_variant", "true"), "sweep point wanda-2of4"),
     (("--sweep.methods", "[wanda,nonsense]"), "sweep point nonsense-unstructured-0.5"),
+    (("--sweep.methods", "[wanda+admm,sparsegpt+admm]"), "sweep point sparsegpt+admm-unstructured-0.5"),
     (("--sweep.methods", "[magnitude,wanda]", "--pruning.bias_correction", "true"), "sweep point magnitude-unstructured-0.5"),
 ])
 def test_bad_grid_refused_before_any_point(tiny_dirs, text_file, tmp_path, validations, extra, expected):

@@ -41,7 +41,8 @@ class Grid:
     """The points of a sweep.
 
     Args:
-        methods: pruning methods (unset: ``--pruning.method``).
+        methods: pruning methods (unset: ``--pruning.method``); ``METHOD+UPDATE`` adds a weight update
+            to a mask-only method (``wanda+admm``), else ``--pruning.update`` applies.
         ratios: sparsity ratios of the unstructured points, each in [0, 1) (unset:
             ``--pruning.sparsity_ratio``). N:M points take N/M.
         types: sparsity types: ``unstructured`` and/or N:M patterns (``2:4``, ``4:8``).
@@ -101,9 +102,10 @@ def points(grid: Grid, base: Pruning) -> List[Tuple[Point, Pruning]]:
     out = []
     for point in grid_points:
         try:
-            out.append((point, Pruning(**{**args, "method": point.method, "sparsity_type": point.sparsity_type,
-                                          "sparsity_ratio": point.sparsity_ratio, "allocation": point.allocation,
-                                          "enabled": False})))
+            method, _, update = point.method.partition("+")
+            out.append((point, Pruning(**{**args, "method": method, "update": update or args["update"],
+                                          "sparsity_type": point.sparsity_type, "sparsity_ratio": point.sparsity_ratio,
+                                          "allocation": point.allocation, "enabled": False})))
         except (ValueError, TypeError, KeyError) as err:
             raise ValueError(f"sweep point {point.name}: {err}") from None
     return out

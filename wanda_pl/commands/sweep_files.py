@@ -25,7 +25,8 @@ def row_of(point, report: Mapping[str, Any], resumed: bool = False) -> Dict[str,
     """One point's row: its settings, actual sparsity, metrics and times, all from its report."""
     times = report.get("time_s") or {}
     return {
-        "point": point.name, "method": report["method"], "allocation": report.get("allocation"),
+        "point": point.name, "method": point.method, "update": report.get("update"),
+        "allocation": report.get("allocation"),
         "sparsity_type": report["sparsity_type"], "sparsity_ratio": report["sparsity_ratio"],
         "actual_sparsity": report["actual_sparsity"], **headline(report),
         **{f"time_{k}_s": v for k, v in times.items()},
