@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from wanda_pl.commands.report import overall_sparsity  # noqa: E402
+from wanda_pl.training.sharding import overall_sparsity  # noqa: E402
 from wanda_pl.core.engine import prune_sequential  # noqa: E402
 from wanda_pl.core.sparsity import SparsitySpec  # noqa: E402
 from wanda_pl.data.image_files import load_image  # noqa: E402

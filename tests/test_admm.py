@@ -10,7 +10,7 @@ from wanda_pl.core.sparsity import SparsitySpec, row_mask
 from wanda_pl.core.stats import LayerStats
 from wanda_pl.methods import get_method
 from wanda_pl.methods.admm import ADMMOptions, admm, admm_update
-from wanda_pl.methods.compose import with_update
+from wanda_pl.methods.compose import compose
 from wanda_pl.methods.sparsegpt import sparsegpt_prune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -91,8 +91,8 @@ def test_gradual_admm_reaches_the_exact_sparsity(sparsity_type, ratio):
 
 def test_update_none_is_the_method_itself_and_admm_keeps_its_mask():
     wanda = get_method("wanda")
-    assert with_update(wanda, "none") is wanda
-    composed = with_update(wanda, "admm")
+    assert compose(wanda, "none", "none") is wanda
+    composed = compose(wanda, update="admm")
     W, X = layer(out=16, inn=32, tokens=256)
     stats = LayerStats(32, with_hessian=True)
     stats.update(X, 4)

@@ -22,7 +22,7 @@ from wanda_pl.callbacks import Calibration, Pruning  # noqa: E402
 from wanda_pl.data.text_module import TextDataModule  # noqa: E402
 from wanda_pl.eval.perplexity import window_nll  # noqa: E402
 from wanda_pl.modules.causal_lm import CausalLM  # noqa: E402
-from wanda_pl.commands.report import overall_sparsity  # noqa: E402
+from wanda_pl.training.sharding import overall_sparsity  # noqa: E402
 
 SEQLEN, NSAMPLES = 32, 8
 

@@ -1,14 +1,10 @@
 """Pruning Callback: computes masks with the engine, applies them, and keeps them applied.
 
-Masks are explicit callback state (saved in checkpoints); weights stay dense-shaped and are
-edited in place. During fine-tuning, gradients of pruned weights are zeroed before each
-optimizer step and the weights re-masked after it, so momentum, weight decay or Adam's
-moments cannot revive a pruned weight.
-
-Sharded weights (FSDP2's ``fully_shard`` or tensor parallelism: DTensors, with Lightning's
-``ModelParallelStrategy``) keep full-shape masks too: each rank cuts its piece of a mask as the
-weight is cut (same mesh and placements) and edits its local shard only; checkpoints hold full
-masks. FSDP1 (``FSDPStrategy``) and DeepSpeed hold flat pieces of several weights: refused."""
+Masks are callback state (saved in checkpoints); weights stay dense-shaped, edited in place. While
+fitting, pruned weights' gradients are zeroed before each optimizer step and the weights re-masked
+after it, so momentum, weight decay or Adam's moments cannot revive one. Sharded weights (FSDP2,
+tensor parallel DTensors) keep full-shape masks: each rank cuts its piece as the weight is cut and
+edits its local shard; FSDP1 and DeepSpeed hold flat pieces of several weights: refused."""
 from __future__ import annotations
 
 import logging
@@ -26,9 +22,9 @@ from ..core.engine import PruneResult, check_targets, needs_activations, prune_s
 from ..core.plan import uniform
 from ..core.sparsity import SparsitySpec
 from ..methods import check_knobs, get_method
-from ..methods.compose import with_update
+from ..methods.compose import compose
 from ..training.masks import check_strategy, masks_from, with_zeros
-from ..training.sharding import is_dtensor, is_sharded, local, local_mask
+from ..training.sharding import is_dtensor, is_sharded, local, local_mask, overall_sparsity
 from .calibration import Calibration
 from .lookup import find_callback
 
@@ -45,6 +41,8 @@ class Pruning(Callback):
         blocksize: SparseGPT column block size.
         percdamp: SparseGPT damping, a fraction of the Hessian's mean diagonal.
         ria_alpha: RIA's exponent of the input norm (0.5 as its paper).
+        refine: after a mask-only method's mask: ``none`` or ``dsnot`` (DSnoT's prune-and-grow swaps).
+        dsnot_cycles, dsnot_threshold, dsnot_var_power: DSnoT's cycles, stop on ``|e|``, variance power.
         update: a weight update after a mask-only method: ``none`` or ``admm`` (ADMM's reconstruction
             of the layer's outputs on the chosen mask); SparseGPT and the ablations keep their own.
         admm_iterations, admm_rho, admm_percdamp, admm_gradual: ADMM's iterations (>= 1), penalty,
@@ -77,6 +75,10 @@ class Pruning(Callback):
         blocksize: int = 128,
         percdamp: float = 0.01,
         ria_alpha: float = 0.5,
+        refine: str = "none",
+        dsnot_cycles: int = 50,
+        dsnot_threshold: float = 0.1,
+        dsnot_var_power: float = 1.0,
         update: str = "none",
         admm_iterations: int = 20,
         admm_rho: float = 1.0,
@@ -92,13 +94,17 @@ class Pruning(Callback):
     ) -> None:
         self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # sweeps vary them
         self.spec = SparsitySpec.parse(sparsity_type, sparsity_ratio)
-        self.method, self.update = with_update(get_method(method), update), update
+        self.method, self.refine, self.update = compose(get_method(method), refine, update), refine, update
+        if refine != "none" and bias_correction:
+            raise ValueError("pruning.refine dsnot balances the mean output change that bias_correction restores "
+                             "exactly: use one of them")
         if use_variant and (self.spec.structured or "use_variant" not in self.method.option_names):
             raise ValueError(f"pruning.use_variant needs unstructured sparsity and a method that has it (wanda), "
                              f"got method={method!r}, sparsity_type={self.spec.type!r}")
         self.knobs = dict(granularity=granularity, use_variant=use_variant, blocksize=blocksize, percdamp=percdamp,
                           ria_alpha=ria_alpha, admm_iterations=admm_iterations, admm_rho=admm_rho,
-                          admm_percdamp=admm_percdamp, admm_gradual=admm_gradual)
+                          admm_percdamp=admm_percdamp, admm_gradual=admm_gradual, dsnot_cycles=dsnot_cycles,
+                          dsnot_threshold=dsnot_threshold, dsnot_var_power=dsnot_var_power)
         check_knobs(**self.knobs)  # every knob, whether or not this method reads it: a typo must not wait
         self.options = self.method.make_options(**self.knobs)
         self.bias_correction = bias_correction
@@ -123,7 +129,7 @@ class Pruning(Callback):
         """The report's ``method`` section."""
         hessian = {k: self.knobs[k] for k in ("blocksize", "percdamp") if k in self.method.option_names}
         return {
-            "method": self.method.name, "update": self.update, "sparsity_type": self.spec.type, "sparsity_ratio": self.spec.ratio,
+            "method": self.method.name, "refine": self.refine, "update": self.update, "sparsity_type": self.spec.type, "sparsity_ratio": self.spec.ratio,
             "use_variant": self.knobs["use_variant"], "bias_correction": self.bias_correction,
             "granularity": self.knobs["granularity"] or self.method.default_granularity,
             **hessian,
@@ -235,7 +241,7 @@ class Pruning(Callback):
         self.apply(pl_module)
         self.masks = with_zeros(self.masks, pl_module.model)
         pl_module.set_masks(self.masks)
-        self.start_sparsity = _sparsity(pl_module)
+        self.start_sparsity = overall_sparsity(pl_module.all_targets())  # a collective when sharded
         self._remove_hooks()
         self._live = [(w, m, local_mask(m, w)) for w, m in self._params(pl_module) if w.requires_grad]
         if self._live:
@@ -290,10 +296,3 @@ class Pruning(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.masks = state_dict["masks"]
         self.masks_source = f"checkpoint (pruned with {state_dict.get('config')})"
-
-
-def _sparsity(pl_module) -> Optional[float]:
-    """Zeros over all prunable weights; sharded weights are counted over all ranks (a collective)."""
-    from ..commands.report import overall_sparsity
-
-    return overall_sparsity(pl_module.all_targets())

@@ -25,12 +25,12 @@ from ..callbacks.lookup import find_callback
 from ..modules.protocol import require
 from ..training import lora
 from ..training.masks import MASKS_FILE, save_masks
-from ..training.sharding import full_state_dict
+from ..training.sharding import full_state_dict, layer_sparsity, overall_sparsity
 from .card import write_card
 from .common import environment, evaluate, lightning_writes, staged_output
 from .outputs import check_output_dir, run_inputs
 from .plots import layers_png
-from .report import assemble, layer_sparsity, overall_sparsity, write_json
+from .report import assemble, write_json
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from .common import Evaluation, environment, evaluate, lightning_writes, staged_
 from .loggers import log_run
 from .outputs import check_output_dir, run_inputs
 from .plots import layers_png
-from .report import assemble, layer_sparsity, overall_sparsity, sparsity_table, write_json
+from ..training.sharding import layer_sparsity, overall_sparsity
+from .report import assemble, sparsity_table, write_json
 
 
 def prune(

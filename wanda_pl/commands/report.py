@@ -11,22 +11,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-import torch.nn as nn
 
-from ..training.sharding import count_zeros
 from .outputs import TMP_TAG
-
-
-def layer_sparsity(targets: Mapping[str, nn.Module]) -> Dict[str, float]:
-    """Zeros per layer (sharded weights counted over all ranks: every rank must call this)."""
-    return {name: count_zeros(m.weight) / m.weight.numel() for name, m in targets.items()}
-
-
-def overall_sparsity(targets: Mapping[str, nn.Module]) -> float:
-    """Zeros over all prunable weights (weighted by size, not a mean of layer ratios)."""
-    zeros = sum(count_zeros(m.weight) for m in targets.values())
-    total = sum(m.weight.numel() for m in targets.values())
-    return zeros / max(total, 1)
 
 
 def assemble(**sections: Mapping[str, Any]) -> Dict[str, Any]:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..callbacks import Pruning, ZeroShot
 from ..callbacks.lookup import find_callback
 from ..core.sparsity import SparsitySpec
+from ..methods.compose import REFINES, UPDATES
 from ..modules.protocol import require
 from .common import Evaluation, evaluate, lightning_writes
 from .lock import output_lock
@@ -42,7 +43,8 @@ class Grid:
 
     Args:
         methods: pruning methods (unset: ``--pruning.method``); ``METHOD+UPDATE`` adds a weight update
-            to a mask-only method (``wanda+admm``), else ``--pruning.update`` applies.
+            to a mask-only method (``wanda+admm``), ``+dsnot`` a refinement (``wanda+dsnot+admm``);
+            else ``--pruning.refine`` / ``--pruning.update`` apply.
         ratios: sparsity ratios of the unstructured points, each in [0, 1) (unset:
             ``--pruning.sparsity_ratio``). N:M points take N/M.
         types: sparsity types: ``unstructured`` and/or N:M patterns (``2:4``, ``4:8``).
@@ -79,6 +81,19 @@ def _sparsity_type(value: Union[str, int]) -> str:
     return str(value)
 
 
+def _steps(name: str) -> Dict[str, str]:
+    """``wanda+dsnot+admm`` -> method, refine and update (each step named at most once)."""
+    method, *steps = name.split("+")
+    out = {"method": method}
+    for step in steps:
+        key = "refine" if step in REFINES else "update" if step in UPDATES else None
+        if key is None or key in out:
+            raise ValueError(f"{name!r}: after '+' come at most one refinement {REFINES[1:]} and one weight "
+                             f"update {UPDATES[1:]}, got {step!r}")
+        out[key] = step
+    return out
+
+
 def points(grid: Grid, base: Pruning) -> List[Tuple[Point, Pruning]]:
     """Every point of ``grid`` with its Pruning callback (``base``'s settings otherwise); a grid that
     is empty or a point the settings refuse fails here, naming the point, before any work."""
@@ -102,10 +117,9 @@ def points(grid: Grid, base: Pruning) -> List[Tuple[Point, Pruning]]:
     out = []
     for point in grid_points:
         try:
-            method, _, update = point.method.partition("+")
-            out.append((point, Pruning(**{**args, "method": method, "update": update or args["update"],
-                                          "sparsity_type": point.sparsity_type, "sparsity_ratio": point.sparsity_ratio,
-                                          "allocation": point.allocation, "enabled": False})))
+            out.append((point, Pruning(**{**args, **_steps(point.method), "sparsity_type": point.sparsity_type,
+                                          "sparsity_ratio": point.sparsity_ratio, "allocation": point.allocation,
+                                          "enabled": False})))
         except (ValueError, TypeError, KeyError) as err:
             raise ValueError(f"sweep point {point.name}: {err}") from None
     return out

@@ -6,6 +6,7 @@ mask (True = prune) and, for solvers like SparseGPT, updated weights; it declare
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List
 
 from . import ablations, admm, magnitude, ria, sparsegpt, wanda
@@ -31,6 +32,10 @@ def check_knobs(**knobs) -> None:
     """Validate every knob with the options class of each method that declares it."""
     for method in METHODS.values():
         method.make_options(**knobs)
+    from .compose import STEP_OPTIONS
+
+    for options in STEP_OPTIONS:
+        options(**{f.name: knobs[f.name] for f in dataclasses.fields(options) if f.name in knobs})
 
 
 def method_names() -> List[str]:

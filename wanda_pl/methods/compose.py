@@ -1,9 +1,10 @@
-"""Composed methods: a mask-only method followed by a weight update (``--pruning.update``).
+"""Composed methods: a mask-only method, then optional steps on its result.
 
-``wanda`` + ``admm`` keeps Wanda's mask and replaces the kept weights by ADMM's reconstruction
-(:mod:`.admm`). The composed method declares the options of both steps, so the report's
-``method_options`` lists everything either step read. Methods that update their own weights
-(SparseGPT and the OBS ablations) keep their own update.
+``--pruning.refine dsnot`` swaps weights in and out of the mask (:mod:`.dsnot`, counts kept);
+``--pruning.update admm`` replaces the kept weights by ADMM's reconstruction (:mod:`.admm`). The
+composed method declares the options of every step it has, so the report's ``method_options``
+lists everything that was read. Methods that update their own weights (SparseGPT and the OBS
+ablations) take neither: a new mask or new weights would undo their update.
 """
 from __future__ import annotations
 
@@ -11,28 +12,42 @@ import dataclasses
 
 from .admm import ADMMOptions, admm_update
 from .base import Method
+from .dsnot import DSnoTOptions, dsnot_refine
 
+REFINES = ("none", "dsnot")
 UPDATES = ("none", "admm")
+STEP_OPTIONS = (DSnoTOptions, ADMMOptions)  # knobs of the steps, checked like the methods' own
 
 
-def with_update(base: Method, update: str = "none") -> Method:
-    """``base`` followed by ``update``; ``none`` is ``base`` itself (bit for bit the same masks)."""
+def compose(base: Method, refine: str = "none", update: str = "none") -> Method:
+    """``base``, then ``refine``, then ``update``; with neither, ``base`` itself (the same masks bit for bit)."""
+    if refine not in REFINES:
+        raise ValueError(f"pruning.refine must be one of {REFINES}, got {refine!r}")
     if update not in UPDATES:
         raise ValueError(f"pruning.update must be one of {UPDATES}, got {update!r}")
-    if update == "none":
+    steps = [(name, cls) for name, cls in ((refine, DSnoTOptions), (update, ADMMOptions)) if name != "none"]
+    if not steps:
         return base
     if base.needs_hessian:
-        raise ValueError(f"pruning.update {update!r} reconstructs the weights after a method that only chooses a "
-                         f"mask (magnitude, wanda, ria); {base.name} updates its weights itself: use "
-                         f"--pruning.update none, or a mask-only method")
-    bases = (ADMMOptions,) if issubclass(ADMMOptions, base.options) else (base.options, ADMMOptions)
-    options = dataclasses.make_dataclass(f"{base.options.__name__}With{update.upper()}", [], bases=bases, frozen=True)
+        raise ValueError(f"pruning.refine / pruning.update work on the mask of a method that only chooses one "
+                         f"(magnitude, wanda, ria); {base.name} updates its weights itself: use "
+                         f"--pruning.refine none --pruning.update none with it (got refine={refine!r}, "
+                         f"update={update!r})")
+    bases = [cls for _, cls in steps]
+    if not any(issubclass(cls, base.options) for cls in bases):
+        bases.insert(0, base.options)
+    name = base.options.__name__ + "".join(f"With{n.upper()}" for n, _ in steps)
+    options = dataclasses.make_dataclass(name, [], bases=tuple(bases), frozen=True)
 
-    def masked_then_updated(weight, stats, spec, opts):
+    def composed(weight, stats, spec, opts):
         mask, new = base.fn(weight, stats, spec, opts)
-        if stats is None or stats.xtx is None:
-            raise ValueError(f"pruning.update {update!r} needs the layer's input second moments (X^T X)")
-        return mask, admm_update(weight if new is None else new, stats.xtx, mask, opts)
+        if stats is None:
+            raise ValueError(f"pruning.refine={refine!r} / pruning.update={update!r} need calibration statistics")
+        if refine == "dsnot":
+            mask = dsnot_refine(weight, stats, spec, mask, opts)
+        if update == "admm":
+            new = admm_update(weight if new is None else new, stats.xtx, mask, opts)
+        return mask, new
 
-    return Method(base.name, masked_then_updated, options, needs_activations=True, needs_hessian=True,
+    return Method(base.name, composed, options, needs_activations=True, needs_hessian=update == "admm",
                   default_granularity=base.default_granularity)

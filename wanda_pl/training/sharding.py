@@ -6,7 +6,7 @@ weight is cut, gathering a whole state dict for saving. The gathering ones are c
 every rank must call them, in the same order."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,18 @@ def full(t: torch.Tensor) -> torch.Tensor:
 def count_zeros(w: torch.Tensor) -> int:
     """Zeros of a weight over all ranks (a DTensor's local count would be this rank's only)."""
     return int(full((w.detach() == 0).sum()))
+
+
+def layer_sparsity(targets: Mapping[str, nn.Module]) -> Dict[str, float]:
+    """Zeros per layer (sharded weights counted over all ranks: every rank must call this)."""
+    return {name: count_zeros(m.weight) / m.weight.numel() for name, m in targets.items()}
+
+
+def overall_sparsity(targets: Mapping[str, nn.Module]) -> float:
+    """Zeros over all prunable weights (weighted by size, not a mean of layer ratios)."""
+    zeros = sum(count_zeros(m.weight) for m in targets.values())
+    total = sum(m.weight.numel() for m in targets.values())
+    return zeros / max(total, 1)
 
 
 def local_mask(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
