@@ -119,10 +119,12 @@ class WandaCLI(LightningCLI):
         """Refuse an output folder the run may not replace before any model is loaded."""
         cfg = self.config[self.subcommand]
         if self.subcommand in ("prune", "fit", "sweep") and cfg.get("output_dir") is not None:
+            from wanda_pl.commands.lock import check_free
             from wanda_pl.commands.outputs import check_output_dir, config_inputs
 
-            check_output_dir(cfg.output_dir, config_inputs(cfg.as_dict()),
-                             writes={"trainer.default_root_dir": cfg.trainer.get("default_root_dir")})
+            out = check_output_dir(cfg.output_dir, config_inputs(cfg.as_dict()),
+                                   writes={"trainer.default_root_dir": cfg.trainer.get("default_root_dir")})
+            check_free(out, cfg.output_dir)
 
     def before_prune(self) -> None:
         cfg = self.config[self.subcommand]
@@ -141,7 +143,9 @@ def main(args: Optional[list] = None) -> None:
         from wanda_pl.assets.registry import ensure_all
 
         if len(argv) > 1:
-            sys.exit("usage: python cli.py assets   (fetch and verify every embedded asset; prints {name: path} as JSON)")
+            print("usage: python cli.py assets   (fetch and verify every embedded asset; prints {name: path} as JSON)",
+                  file=sys.stderr)
+            sys.exit(2)  # a usage error, as every other
         print(json.dumps(ensure_all(), indent=2))
         return
     from wanda_pl.errors import USER_ERROR_EXIT, debug, interruptible, interruption, user_message

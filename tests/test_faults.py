@@ -317,6 +317,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(tiny_d
         assert held.read_text().strip() == str(os.getpid())
     line = refusal(error)
     assert line.startswith(f"error: output_dir {str(out)!r} is being written by another run (pid {os.getpid()}; "), line
+    assert "Loading weights" not in error  # refused before the model is loaded
     assert "dense baseline" not in stdout and snapshot(out) == before
     assert left_beside(out.parent) == ["out"]  # the lock file goes with its run
     assert run_cli(prune_args(tiny_dirs["llama"], text_file, out))[0] is None  # free again

@@ -61,3 +61,11 @@ def output_lock(out: Path, given=None) -> Iterator[Path]:
         except OSError:
             pass
         os.close(fd)
+
+
+def check_free(out: Path, given=None) -> None:
+    """Refuse now, before a model is loaded, an output folder another run is writing (the lock is
+    taken for real, and checked again, when this run starts writing)."""
+    if lock_file(out).is_file():
+        with output_lock(out, given):
+            pass
