@@ -129,7 +129,8 @@ class Pruning(Callback):
         """The report's ``method`` section."""
         hessian = {k: self.knobs[k] for k in ("blocksize", "percdamp") if k in self.method.option_names}
         return {
-            "method": self.method.name, "refine": self.refine, "update": self.update, "sparsity_type": self.spec.type, "sparsity_ratio": self.spec.ratio,
+            "method": self.method.name, "refine": self.refine, "update": self.update,
+            "sparsity_type": self.spec.type, "sparsity_ratio": self.spec.ratio,
             "use_variant": self.knobs["use_variant"], "bias_correction": self.bias_correction,
             "granularity": self.knobs["granularity"] or self.method.default_granularity,
             **hessian,

@@ -73,7 +73,9 @@ def model_card(report: Mapping[str, Any], where: str) -> str:
     fit = "metrics_after" in report
     method, stype = report.get("method"), str(report.get("sparsity_type"))
     sparsity = report.get("sparsity_after", report.get("actual_sparsity"))
-    tags = ["wanda_pl", "pruned", "sparse", str(method), stype.replace(":", "-") + ("-sparsity" if ":" in stype else "")]
+    pattern = stype.replace(":", "-") + ("-sparsity" if ":" in stype else "")
+    steps = [report[k] for k in ("refine", "update") if report.get(k) not in (None, "none")]
+    tags = ["wanda_pl", "pruned", "sparse", str(method), *map(str, steps), pattern]
     tags += [f"sparsity-{round(100 * sparsity)}"] if isinstance(sparsity, (int, float)) else []
     tags += ["fine-tuned"] if fit else []
     before, after, rows = _results(report)
@@ -92,7 +94,8 @@ def model_card(report: Mapping[str, Any], where: str) -> str:
              f"Pruned with wanda_pl {report.get('versions', {}).get('wanda_pl', '')} from "
              f"`{base}` (loaded from `{report.get('model_path')}`).", "",
              "| setting | value |", "| --- | --- |",
-             f"| method | {method} (granularity {report.get('granularity')}, allocation {report.get('allocation')}) |",
+             f"| method | {' + '.join(map(str, [method, *steps]))} (granularity {report.get('granularity')}, "
+             f"allocation {report.get('allocation')}) |",
              f"| sparsity | target {report.get('sparsity_ratio')} {stype}; actual {_pct(sparsity)} of the "
              f"prunable weights ({len(report.get('layers') or {})} layers) |",
              f"| calibration | {report.get('nsamples')} samples"

@@ -205,8 +205,8 @@ def _points(trainer, model, datamodule, zero_shot, base, grid, todo, prints, don
                 bar.write(f"{point.name}: finished before with the same settings, kept")
             rows.append(row_of(point, report, resumed=point.name in done))
             if trainer.is_global_zero:
-                mine = [point.name, f"{point.name}/{MARKER}", *(f"{point.name}/{e}" for e in owned_entries(out / point.name) or ())]
-                claim(out, mine, "sweep")
+                listed = owned_entries(out / point.name) or ()
+                claim(out, [point.name, f"{point.name}/{MARKER}", *(f"{point.name}/{e}" for e in listed)], "sweep")
                 summary = write_summary(out, grid, rows, dense.metrics if dense is not None else None, report)
                 claim(out, summary["files"], "sweep")
             bar.update()
