@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
-from .report import atomic_write, headline, write_json
+from .report import atomic_write, headline, method_label, write_json
 
 CARD = "README.md"
 _LABELS = {"ppl": "perplexity", "top1": "top-1 accuracy", "top5": "top-5 accuracy",
@@ -71,11 +71,11 @@ def model_card(report: Mapping[str, Any], where: str) -> str:
     base, licence = base_of(report)
     llm = "timm_name" not in report
     fit = "metrics_after" in report
-    method, stype = report.get("method"), str(report.get("sparsity_type"))
+    stype = str(report.get("sparsity_type"))
     sparsity = report.get("sparsity_after", report.get("actual_sparsity"))
     pattern = stype.replace(":", "-") + ("-sparsity" if ":" in stype else "")
-    steps = [report[k] for k in ("refine", "update") if report.get(k) not in (None, "none")]
-    tags = ["wanda_pl", "pruned", "sparse", str(method), *map(str, steps), pattern]
+    label = method_label(report)
+    tags = ["wanda_pl", "pruned", "sparse", *label.split("+"), pattern]
     tags += [f"sparsity-{round(100 * sparsity)}"] if isinstance(sparsity, (int, float)) else []
     tags += ["fine-tuned"] if fit else []
     before, after, rows = _results(report)
@@ -90,11 +90,11 @@ def model_card(report: Mapping[str, Any], where: str) -> str:
             "dataset": {"name": str(report.get("evaluation")), "type": str(report.get("evaluation"))},
             "metrics": metrics}]}]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
-             f"# {Path(base).name}: {method} {stype}, sparsity {_pct(sparsity)}" + (" (fine-tuned)" if fit else ""), "",
+             f"# {Path(base).name}: {label} {stype}, sparsity {_pct(sparsity)}" + (" (fine-tuned)" if fit else ""), "",
              f"Pruned with wanda_pl {report.get('versions', {}).get('wanda_pl', '')} from "
              f"`{base}` (loaded from `{report.get('model_path')}`).", "",
              "| setting | value |", "| --- | --- |",
-             f"| method | {' + '.join(map(str, [method, *steps]))} (granularity {report.get('granularity')}, "
+             f"| method | {label} (granularity {report.get('granularity')}, "
              f"allocation {report.get('allocation')}) |",
              f"| sparsity | target {report.get('sparsity_ratio')} {stype}; actual {_pct(sparsity)} of the "
              f"prunable weights ({len(report.get('layers') or {})} layers) |",

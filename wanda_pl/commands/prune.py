@@ -27,7 +27,7 @@ from .loggers import log_run
 from .outputs import check_output_dir, run_inputs
 from .plots import layers_png
 from ..training.sharding import layer_sparsity, overall_sparsity
-from .report import assemble, sparsity_table, write_json
+from .report import assemble, method_label, sparsity_table, write_json
 
 
 def prune(
@@ -101,9 +101,9 @@ def prune(
                 save_masks(pruning.masks, stage / MASKS_FILE)  # fit --pruning.masks_from output_dir/masks.pt
             write_json(stage / "report.json", report)
             layers_png(stage / "layers.png", layers, report["layers_planned"],
-                       f"{report['model']}: {report['method']} {report['sparsity_type']} {report['sparsity_ratio']:g}")
+                       f"{report['model']}: {method_label(report)} {report['sparsity_type']} {report['sparsity_ratio']:g}")
             print(sparsity_table(layers))
-            print(f"{report['model']}: {report['method']} {report['sparsity_type']} {report['sparsity_ratio']:g} -> "
+            print(f"{report['model']}: {method_label(report)} {report['sparsity_type']} {report['sparsity_ratio']:g} -> "
                   f"actual sparsity {report['actual_sparsity']:.4f}; {_line(model, dense, pruned)} "
                   f"(evaluation: {report['evaluation']})")
     if trainer.is_global_zero:

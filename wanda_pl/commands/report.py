@@ -124,3 +124,9 @@ def headline(report: Mapping[str, Any]) -> Dict[str, Optional[float]]:
         if zero_shot.get(side):
             out[f"zero_shot_mean_acc{suffix}"] = zero_shot[side].get("mean_acc")
     return out
+
+
+def method_label(report: Mapping[str, Any]) -> str:
+    """The method with its steps, as a sweep names it: ``wanda``, ``wanda+dsnot+admm``."""
+    steps = [str(report[k]) for k in ("refine", "update") if report.get(k) not in (None, "none")]
+    return "+".join([str(report.get("method")), *steps])
