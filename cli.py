@@ -124,7 +124,9 @@ class WandaCLI(LightningCLI):
 
             out = check_output_dir(cfg.output_dir, config_inputs(cfg.as_dict()),
                                    writes={"trainer.default_root_dir": cfg.trainer.get("default_root_dir")})
-            check_free(out, cfg.output_dir)
+            if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+                # Only rank 0 writes and locks; the ranks Lightning starts later would find its lock held.
+                check_free(out, cfg.output_dir)
 
     def before_prune(self) -> None:
         cfg = self.config[self.subcommand]
