@@ -21,7 +21,7 @@ from wanda_pl.callbacks import Calibration, Pruning, ZeroShot
 
 class WandaTrainer(Trainer):
     def prune(self, model, datamodule, output_dir: str = "outputs/prune", save_model: bool = False,
-              validate_dense: bool = True) -> dict:
+              validate_dense: bool = True, resume: bool = False, checkpoints: bool = True) -> dict:
         """Calibrate, prune, validate dense and pruned, write report.json.
 
         Args:
@@ -31,10 +31,15 @@ class WandaTrainer(Trainer):
                 and folders holding an input are refused before any work.
             save_model: also save the pruned model as a Hugging Face folder (output_dir/model).
             validate_dense: measure the dense perplexity first (the baseline in the report).
+            resume: continue an interrupted run (same command and settings) after the last block it
+                finished, from the staging folder ``.<output_dir name>.wanda_pl-resume`` beside output_dir.
+            checkpoints: checkpoint every finished block there (weights, masks, the next block's
+                activations) so that ``--resume true`` can continue a killed run; deleted on success.
         """
         from wanda_pl.commands.prune import prune
 
-        return prune(self, model, datamodule, output_dir, save_model, validate_dense, getattr(self, "run_config", None))
+        return prune(self, model, datamodule, output_dir, save_model, validate_dense, getattr(self, "run_config", None),
+                     resume=resume, checkpoints=checkpoints)
 
     def sweep(self, model, datamodule, grid=None, output_dir: str = "outputs/sweep", save_model: bool = False) -> dict:
         """Prune at every point of a grid of methods x ratios x types; tables and plots of all points.

@@ -46,7 +46,7 @@ class Runner:
         self.module.model.load_state_dict(self.dense_state)
         t = trainer([Calibration(), Pruning(**pruning_kwargs)])
         with tempfile.TemporaryDirectory() as out:
-            report = prune(t, self.module, self.dm, str(Path(out) / "run"), validate_dense=False)
+            report = prune(t, self.module, self.dm, str(Path(out) / "run"), validate_dense=False, checkpoints=False)
         return report
 
 

@@ -82,7 +82,7 @@ def test_owl_through_the_callback_matches_a_slow_dense_computation(tiny_dirs):
 
     calibration = Calibration()
     calibration.inputs = calib
-    trainer = SimpleNamespace(callbacks=[calibration], is_global_zero=True, datamodule=None)
+    trainer = SimpleNamespace(callbacks=[calibration], is_global_zero=True, datamodule=None, global_rank=0, world_size=1)
     pruning = Pruning("wanda", sparsity_ratio=0.5, allocation="owl")
     result = pruning.prune(trainer, module)
     for name, (i, mod) in targets.items():

@@ -210,7 +210,7 @@ def test_magnitude_runs_no_forward_pass(tiny_dirs, family):
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: calls.append(name))
                for name, m in module.model.named_modules()]
     # no datamodule at all: asking for calibration data would fail
-    trainer = SimpleNamespace(callbacks=[], is_global_zero=True, datamodule=None)
+    trainer = SimpleNamespace(callbacks=[], is_global_zero=True, datamodule=None, global_rank=0, world_size=1)
     pruning = Pruning("magnitude", sparsity_ratio=0.5)
     pruning.prune(trainer, module)
     for h in handles:

@@ -45,7 +45,7 @@ def test_a_new_method_runs_through_the_callback_and_the_engine(in_the_table, tin
     first = next(iter(targets))
     calibration = Calibration()
     calibration.inputs = calib
-    trainer = SimpleNamespace(callbacks=[calibration], is_global_zero=True, datamodule=None)
+    trainer = SimpleNamespace(callbacks=[calibration], is_global_zero=True, datamodule=None, global_rank=0, world_size=1)
     pruning = Pruning("column_norm", sparsity_ratio=0.5)
     assert pruning.options == ColumnNormOptions() and pruning.describe()["method"] == "column_norm"
     assert pruning.describe()["method_options"] == {"granularity": None, "power": 1.0}  # in every report

@@ -18,7 +18,8 @@ from lightning.pytorch.callbacks import Callback
 
 from ..core import correction
 from ..core.allocation import Allocation
-from ..core.engine import PruneResult, check_targets, needs_activations, prune_sequential
+from ..core.engine import (NoCheckpoints, PruneResult, check_targets, merge_resumed, needs_activations,
+                           prune_sequential)
 from ..core.plan import uniform
 from ..core.sparsity import SparsitySpec
 from ..methods import check_knobs, get_method
@@ -43,21 +44,17 @@ class Pruning(Callback):
         ria_alpha: RIA's exponent of the input norm (0.5 as its paper).
         refine: after a mask-only method's mask: ``none`` or ``dsnot`` (DSnoT's prune-and-grow swaps).
         dsnot_cycles, dsnot_threshold, dsnot_var_power: DSnoT's cycles, stop on ``|e|``, variance power.
-        update: a weight update after a mask-only method: ``none`` or ``admm`` (ADMM's reconstruction
-            of the layer's outputs on the chosen mask); SparseGPT and the ablations keep their own.
+        update: after a mask-only method: ``none`` or ``admm`` (ADMM's reconstruction of the outputs on the mask).
         admm_iterations, admm_rho, admm_percdamp, admm_gradual: ADMM's iterations (>= 1), penalty,
             damping (of the scaled X^T X) and, for the ``admm`` method, the iterations its gradual mask takes.
-        bias_correction: put back each pruned layer's mean output (``(W - W') E[x]``), into its bias or,
-            for a bias-free conv, into the running mean of the BatchNorm it feeds; the methods then
-            weigh activations about their mean (magnitude calibrates too). For conv nets with
-            BatchNorm (EfficientNet) and models whose layers have biases (ViT, OPT); LLaMA-style
-            bias-free linears cannot take it and are refused.
+        bias_correction: put back each pruned layer's mean output (``(W - W') E[x]``) into its bias (or the
+            running mean of the BatchNorm a bias-free conv feeds); methods then weigh activations about
+            their mean. For EfficientNet-like conv nets, ViT, OPT; bias-free linears (LLaMA) are refused.
         allocation: how the ratio is spread over the blocks: ``uniform``, ``owl`` (blocks with more
             outlier scores pruned less, from a dense statistics pass) or ``profile``; unstructured only.
         owl_m: OWL's outlier threshold, in multiples of a block's mean Wanda score.
         owl_lambda: OWL's spread: the blocks' sparsities span ``2 * owl_lambda`` around ``sparsity_ratio``.
-        profile: with ``allocation: profile``: a sparsity per block (a list) or per layer (regex ->
-            ratio), averaging ``sparsity_ratio`` over the prunable weights.
+        profile: with ``allocation: profile``: a sparsity per block (a list) or per layer (regex -> ratio).
         enabled: prune when validation or fitting starts (``prune`` turns it on after the dense baseline).
         masks_from: take the masks instead of computing them: ``zeros`` (the zeros of an already pruned
             model, e.g. ``--model.name_or_path outputs/x/model``) or a mask file (``masks.pt`` from
@@ -124,6 +121,7 @@ class Pruning(Callback):
         self._handles: list = []
         self.masks: Dict[str, torch.Tensor] = {}
         self.outcome: Optional[PruneResult] = None  # set by prune(), read by the commands
+        self.checkpoints = None  # per-block checkpoints of a resumable run (set by the prune command)
 
     def describe(self) -> dict:
         """The report's ``method`` section."""
@@ -168,19 +166,22 @@ class Pruning(Callback):
     def prune(self, trainer, pl_module) -> PruneResult:
         """Calibrate and prune ``pl_module`` block by block with the one engine; masks applied."""
         calib = find_callback(trainer, Calibration) or Calibration()
+        placement = pl_module.placement()
         t0 = time.perf_counter()
-        data = calib.calibration_data(trainer, pl_module) if self.needs_activations else None
+        blocks, inputs, store, shares = calib.block_inputs(trainer, pl_module, self.needs_activations)
         t1 = time.perf_counter()
-        store = calib.device_for(pl_module)
-        blocks, inputs = pl_module.prunable_blocks(data, store)
-        t_plan = time.perf_counter()
-        plan = self.allocation.plan(self.spec, blocks, inputs, pl_module.block_targets, store, trainer.is_global_zero)
-        t_plan = time.perf_counter() - t_plan  # OWL's dense statistics pass: calibration forwards too
+        ckpt = self.checkpoints or NoCheckpoints()
+        plan = ckpt.plan(lambda: self.allocation.plan(self.spec, blocks, inputs, pl_module.block_targets, store,
+                                                      trainer.is_global_zero, placement))
+        t_plan = time.perf_counter() - t1  # OWL's dense statistics pass: calibration forwards too
+        start, done = ckpt.restore(blocks, inputs)
         result = prune_sequential(
             blocks, inputs, pl_module.block_targets, self.method, plan, self.options,
             bias_correction=self.bias_correction, propagate=calib.propagate, store_device=store,
-            progress=trainer.is_global_zero,
+            progress=trainer.is_global_zero, placement=placement, start=start, on_block=ckpt.save,
         )
+        merge_resumed(done, result, start)
+        result.samples_per_rank = shares
         self.masks, self.masks_source = result.masks, "pruned"
         result.calibration_data_s, result.total_s = t1 - t0, time.perf_counter() - t1
         result.forward_s += t_plan if self.allocation.needs_activations else 0.0

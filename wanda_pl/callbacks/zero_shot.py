@@ -43,6 +43,12 @@ class ZeroShot(Callback):
         self.limit, self.batch_size, self.num_fewshot, self.source = limit, batch_size, num_fewshot, source
         self.result: Optional[dict] = None  # of the last validation run (None: not run)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.enabled:  # before the dense baseline, not after it
+            from ..core.onload import refuse_offloaded
+
+            refuse_offloaded("zero-shot evaluation", getattr(pl_module.hparams, "offload", "none"))
+
     def on_validation_start(self, trainer, pl_module) -> None:
         self.result = None
 

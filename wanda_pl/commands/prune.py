@@ -9,6 +9,7 @@ numbers go to the trainer's loggers too.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -26,6 +27,7 @@ from .common import Evaluation, environment, evaluate, lightning_writes, staged_
 from .loggers import log_run
 from .outputs import check_output_dir, run_inputs
 from .plots import layers_png
+from .resume import checkpoints_for
 from ..training.sharding import layer_sparsity, overall_sparsity
 from .report import assemble, method_label, sparsity_table, write_json
 
@@ -41,11 +43,15 @@ def prune(
     dense: Optional[Evaluation] = None,
     sections: Optional[Dict[str, Dict[str, Any]]] = None,
     step: int = 0,
+    resume: bool = False,
+    checkpoints: bool = True,
 ) -> Dict[str, Any]:
     """Calibrate, prune, validate dense and pruned, and write ``report.json`` (+ ids, model).
 
     ``dense``: a baseline measured before (a sweep measures it once), used instead of measuring;
-    ``sections``: more report sections; ``step``: the loggers' step for this run's numbers."""
+    ``sections``: more report sections; ``step``: the loggers' step for this run's numbers;
+    ``checkpoints``: checkpoint every block so that ``resume`` can continue a killed run
+    (:mod:`.resume`; offload disk always does: its pruned blocks are written as they are done)."""
     t_start = time.perf_counter()
     model = require(model)
     pruning = find_callback(trainer, Pruning, needed_for="the prune command")
@@ -58,54 +64,79 @@ def prune(
     check_output_dir(output_dir, inputs, writes)
     datamodule.prepare_for(model)
     pruning.check(model)
+    disk = getattr(model, "disk", None)
+    if resume and not (checkpoints or disk):
+        raise ValueError("--resume true continues from the per-block checkpoints, which --checkpoints false turns off")
+    ckpt = checkpoints_for(trainer, model, datamodule, pruning, output_dir, resume) if checkpoints or disk else None
 
-    with staged_output(trainer, output_dir, inputs, "prune", writes) as stage:
-        # 1. The dense baseline, shown at once rather than only after the long pruning.
-        measure = dense is None and validate_dense
-        dense = evaluate(trainer, model, datamodule, zero_shot) if measure else dense
-        if measure and trainer.is_global_zero:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in dense.metrics.items() if isinstance(v, float))
-            print(f"dense baseline ({dense.seconds:.0f} s): {shown}", flush=True)
-        # 2 + 3. Prune, then measure: one validation run whose start the Pruning callback prunes at,
-        # so the masks are computed wherever Lightning put the model (device, DDP ranks).
-        with pruning.armed():
-            pruned = evaluate(trainer, model, datamodule, zero_shot)
-        outcome = pruning.outcome
-        # 4. The report.
-        targets = model.all_targets()
-        layers = layer_sparsity(targets)  # every rank: sharded weights are counted by a collective
-        t_eval = (dense.seconds if measure else 0.0) + pruned.seconds - outcome.total_s
-        report = assemble(
-            model=model.describe(),
-            method=pruning.describe(),
-            data=datamodule.describe(),
-            results={"actual_sparsity": overall_sparsity(targets), **_results(model, dense, pruned)},
-            timing={"time_s": {
-                "calibration": round(outcome.calibration_data_s + outcome.forward_s, 3),
-                "prune": round(outcome.method_s, 3),
-                "eval": round(t_eval, 3),
-                "total": round(time.perf_counter() - t_start, 3),
-            }},
-            environment=environment(trainer),
-            layers={"layers": layers, "layers_planned": describe_plan(outcome.plan)},
-            config={"config": config},
-            **(sections or {}),
-        )
-        log_run(trainer, report, step)
-        if trainer.is_global_zero:
-            if pruning.needs_activations:
-                torch.save(datamodule.calibration_data(), stage / "calibration_ids.pt")
-            if save_model:
-                model.save(stage / "model")
-                write_card(stage / "model", report, Path(output_dir) / "model")
-                save_masks(pruning.masks, stage / MASKS_FILE)  # fit --pruning.masks_from output_dir/masks.pt
-            write_json(stage / "report.json", report)
-            layers_png(stage / "layers.png", layers, report["layers_planned"],
-                       f"{report['model']}: {method_label(report)} {report['sparsity_type']} {report['sparsity_ratio']:g}")
-            print(sparsity_table(layers))
-            print(f"{report['model']}: {method_label(report)} {report['sparsity_type']} {report['sparsity_ratio']:g} -> "
-                  f"actual sparsity {report['actual_sparsity']:.4f}; {_line(model, dense, pruned)} "
-                  f"(evaluation: {report['evaluation']})")
+    try:  # a failed run keeps the blocks it finished, for --resume
+        with staged_output(trainer, output_dir, inputs, "prune", writes) as stage:
+            pruning.checkpoints = ckpt
+            if ckpt is not None:
+                ckpt.open()
+                if disk is not None:
+                    disk.write_to(ckpt.folder / "model")
+            # 1. The dense baseline, shown at once rather than only after the long pruning.
+            measure = dense is None and validate_dense
+            dense = evaluate(trainer, model, datamodule, zero_shot) if measure else dense
+            if measure and trainer.is_global_zero:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in dense.metrics.items() if isinstance(v, float))
+                print(f"dense baseline ({dense.seconds:.0f} s): {shown}", flush=True)
+            # 2 + 3. Prune, then measure: one validation run whose start the Pruning callback prunes at,
+            # so the masks are computed wherever Lightning put the model (device, DDP ranks).
+            with pruning.armed():
+                pruned = evaluate(trainer, model, datamodule, zero_shot)
+            outcome = pruning.outcome
+            if disk is not None and trainer.is_global_zero:
+                disk.finish()
+            # 4. The report.
+            targets = model.all_targets()
+            # every rank: sharded weights are counted by a collective; offloaded to disk: read back from the shards
+            layers = disk.layer_sparsity(targets) if disk is not None else layer_sparsity(targets)
+            t_eval = (dense.seconds if measure else 0.0) + pruned.seconds - outcome.total_s
+            report = assemble(
+                model=model.describe(),
+                method=pruning.describe(),
+                data=datamodule.describe(),
+                results={"actual_sparsity": disk.overall_sparsity(targets) if disk else overall_sparsity(targets),
+                         "calibration_samples_per_rank": outcome.samples_per_rank,
+                         **({"resumed_from_block": outcome.resumed_from} if outcome.resumed_from else {}),
+                         **_results(model, dense, pruned)},
+                timing={"time_s": {
+                    "calibration": round(outcome.calibration_data_s + outcome.forward_s, 3),
+                    "prune": round(outcome.method_s, 3),
+                    "eval": round(t_eval, 3),
+                    "total": round(time.perf_counter() - t_start, 3),
+                }},
+                environment=environment(trainer),
+                layers={"layers": layers, "layers_planned": describe_plan(outcome.plan)},
+                config={"config": config},
+                **(sections or {}),
+            )
+            log_run(trainer, report, step)
+            if trainer.is_global_zero:
+                if pruning.needs_activations:
+                    torch.save(datamodule.calibration_data(), stage / "calibration_ids.pt")
+                if save_model:
+                    if disk is not None:
+                        os.replace(ckpt.folder / "model", stage / "model")  # written block by block while pruning
+                    else:
+                        model.save(stage / "model")
+                    write_card(stage / "model", report, Path(output_dir) / "model")
+                    save_masks(pruning.masks, stage / MASKS_FILE)  # fit --pruning.masks_from output_dir/masks.pt
+                write_json(stage / "report.json", report)
+                layers_png(stage / "layers.png", layers, report["layers_planned"],
+                           f"{report['model']}: {method_label(report)} {report['sparsity_type']} {report['sparsity_ratio']:g}")
+                print(sparsity_table(layers))
+                print(f"{report['model']}: {method_label(report)} {report['sparsity_type']} {report['sparsity_ratio']:g} -> "
+                      f"actual sparsity {report['actual_sparsity']:.4f}; {_line(model, dense, pruned)} "
+                      f"(evaluation: {report['evaluation']})")
+    except BaseException:
+        if ckpt is not None:
+            ckpt.abandon()
+        raise
+    if ckpt is not None:
+        ckpt.close()
     if trainer.is_global_zero:
         print(f"report: {Path(output_dir) / 'report.json'}")
     return report

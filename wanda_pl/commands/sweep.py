@@ -198,7 +198,7 @@ def _points(trainer, model, datamodule, zero_shot, base, grid, todo, prints, don
                 point_config = None if config is None else {
                     **config, "output_dir": str(out / point.name), "pruning": pruning.init_args}
                 report = prune(trainer, model, datamodule, str(out / point.name), save_model, True, point_config,
-                               dense=dense, step=step,
+                               dense=dense, step=step, checkpoints=False,
                                sections={"sweep": {"sweep": {"point": point.name, "fingerprint": prints[point.name],
                                                              "sweep_dir": str(out)}}})
             else:

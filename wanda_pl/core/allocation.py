@@ -80,7 +80,7 @@ def owl_ratios(outliers: Sequence[float], ratio: float, lam: float, weights: Opt
 
 
 def owl_plan(blocks, inputs: List[BlockInput], targets_fn: TargetsFn, ratio: float, m: float, lam: float,
-             store_device="cpu", progress: bool = True) -> Dict[str, SparsitySpec]:
+             store_device="cpu", progress: bool = True, placement=None) -> Dict[str, SparsitySpec]:
     """OWL's plan: one dense statistics pass over every block (the same engine), then
     :func:`owl_ratios` weighted by each block's prunable weights."""
     outliers: Dict[str, float] = {}
@@ -91,7 +91,8 @@ def owl_plan(blocks, inputs: List[BlockInput], targets_fn: TargetsFn, ratio: flo
         outliers[name] = outlier_ratio(
             [wanda_score(weight_matrix(mod).detach().float(), stats[n].scaler_row) for n, mod in targets.items()], m)
 
-    dense_pass(blocks, inputs, targets_fn, on_block, store_device=store_device, progress=progress, desc="owl: outliers")
+    dense_pass(blocks, inputs, targets_fn, on_block, store_device=store_device, progress=progress, desc="owl: outliers",
+               placement=placement)
     ratios = dict(zip(outliers, owl_ratios(list(outliers.values()), ratio, lam, list(sizes(targets_of).values()))))
     bad = {b: r for b, r in ratios.items() if not 0 <= r < 1}
     if bad:
@@ -156,11 +157,12 @@ class Allocation:
                 **({"profile": self.profile} if self.kind == "profile" else {})}
 
     def plan(self, spec: SparsitySpec, blocks, inputs, targets_fn: TargetsFn, store_device="cpu",
-             progress: bool = False) -> Dict[str, SparsitySpec]:
-        """The sparsity of every target of ``blocks`` (OWL: from a dense pass over ``inputs``)."""
+             progress: bool = False, placement=None) -> Dict[str, SparsitySpec]:
+        """The sparsity of every target of ``blocks`` (OWL: from a dense pass over ``inputs``, its
+        blocks brought in by ``placement``)."""
         if self.kind == "owl":
             return owl_plan(blocks, list(inputs), targets_fn, spec.ratio, self.owl_m, self.owl_lambda,
-                            store_device, progress)
+                            store_device, progress, placement)
         targets = {name: targets_fn(name, block) for name, block in blocks}
         if self.kind == "profile":
             return profile_plan(self.profile, targets, spec.ratio)

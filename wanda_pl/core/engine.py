@@ -26,7 +26,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import correction
+from .distributed import check_same, sum_stats
 from .hooks import BlockInput, collect_stats
+from .onload import Resident
 from .stats import LayerStats
 from ..methods.base import Method
 from .plan import Plan, plan_for
@@ -36,6 +38,7 @@ from .layers import param_mask, weight_matrix
 log = logging.getLogger(__name__)
 
 TargetsFn = Callable[[str, nn.Module], Dict[str, nn.Module]]
+OnBlock = Callable[[int, str, nn.Module, List[BlockInput], "PruneResult"], None]
 
 
 @dataclass
@@ -48,6 +51,29 @@ class PruneResult:
     forward_s: float = 0.0  # calibration forwards (pass 1 and 2)
     calibration_data_s: float = 0.0  # getting the calibration inputs (set by the caller)
     total_s: float = 0.0  # from the calibration data to the last block (set by the caller)
+    samples_per_rank: List[int] = field(default_factory=list)  # calibration samples each rank ran (set by the caller)
+    resumed_from: int = 0  # the first block this process pruned (> 0: a resumed run)
+
+
+class NoCheckpoints:
+    """A run that is not checkpointed: the plan computed, nothing to resume, nothing saved
+    (the interface :class:`wanda_pl.commands.resume.BlockCheckpoints` implements)."""
+
+    def plan(self, compute: Callable[[], Plan]) -> Plan:
+        return compute()
+
+    def restore(self, blocks, inputs: List[BlockInput]) -> Tuple[int, PruneResult]:
+        """(the first block still to prune, the masks and plan of those before it)."""
+        return 0, PruneResult()
+
+    def save(self, index: int, name: str, block: nn.Module, inputs: List[BlockInput], result: PruneResult) -> None:
+        pass
+
+
+def merge_resumed(done: PruneResult, result: PruneResult, start: int) -> None:
+    """``result`` of a run resumed at block ``start`` made whole with the blocks ``done`` before it."""
+    result.masks, result.plan = {**done.masks, **result.masks}, {**done.plan, **result.plan}
+    result.resumed_from = start
 
 
 def check_targets(targets: Dict[str, nn.Module], plan: Union[SparsitySpec, Plan]) -> Dict[str, SparsitySpec]:
@@ -115,40 +141,65 @@ def prune_sequential(
     propagate: bool = True,
     store_device="cpu",
     progress: bool = True,
+    placement: Optional[Resident] = None,
+    start: int = 0,
+    on_block: Optional[OnBlock] = None,
 ) -> PruneResult:
     """Prune ``blocks`` in order; ``inputs`` are the captured inputs of the first block; ``plan``
-    gives each layer its sparsity (one spec: all of them); ``options`` are the method's."""
+    gives each layer its sparsity (one spec: all of them); ``options`` are the method's.
+
+    ``placement`` brings each block's weights in for its turn (offload); ``start`` skips the blocks
+    before it (a resumed run: ``inputs`` are then those entering block ``start``); ``on_block(i,
+    name, block, inputs, result)`` runs after each block is final and given back (checkpoints). Under
+    ``torch.distributed`` each rank passes its share of the samples: statistics are summed over
+    the ranks before any mask is chosen, and the masks checked equal on every rank."""
     result = PruneResult()
+    placement = placement or Resident()
     all_targets = [targets_fn(name, block) for name, block in blocks]
     every_target = {k: v for t in all_targets for k, v in t.items()}
     plan = check_targets(every_target, plan)
     options = method.options() if options is None else options
     if bias_correction:
         correction.check_possible(every_target, [b for _, b in blocks])
-    if not needs_activations(method, bias_correction):
-        for targets in tqdm(all_targets, desc=f"{method.name}: layers", disable=not progress):
+    active = needs_activations(method, bias_correction)
+    todo = list(zip(range(len(blocks)), blocks, all_targets))[start:]
+    what = "blocks" if active else "layers"
+    bar = tqdm(todo, desc=f"{method.name}: {what}", disable=not progress, initial=start, total=len(blocks))
+    for index, (name, block), targets in bar:
+        placement.enter(name, block)
+        if active:
+            _calibrate_and_prune(block, targets, inputs, method, {n: plan[n] for n in targets}, options, result,
+                                 bias_correction, propagate, store_device)
+        else:
             prune_layers(targets, {}, method, {n: plan[n] for n in targets}, options, result)
-        return result
-
-    bar = tqdm(list(zip(blocks, all_targets)), desc=f"{method.name}: blocks", disable=not progress)
-    for (name, block), targets in bar:
-        device = _device(block, store_device)
-        t0 = time.perf_counter()
-        finding = correction.find_sinks(block, targets) if bias_correction else nullcontext(None)
-        with torch.no_grad(), collect_stats(targets, method.needs_hessian) as stats, finding as sinks:
-            outs = [inp.call(block, device).to(store_device) for inp in inputs]
-        result.forward_s += time.perf_counter() - t0
-        prune_layers(targets, stats, method, {n: plan[n] for n in targets}, options, result, sinks, bias_correction)
-        del stats
-        if propagate:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                outs = [inp.call(block, device).to(store_device) for inp in inputs]
-            result.forward_s += time.perf_counter() - t0
-        for inp, out in zip(inputs, outs):
-            inp.hidden = out
+        check_same(name, {n: result.masks[n] for n in targets})
+        placement.leave(name, block, pruned=True)  # first: an offloaded block is written out here
+        if on_block is not None:
+            on_block(index, name, block, inputs, result)
         bar.set_postfix_str(name)
     return result
+
+
+def _calibrate_and_prune(block, targets, inputs, method, plan, options, result, bias_correction, propagate,
+                         store_device) -> None:
+    """One block's turn: pass 1 (statistics, summed over ranks), its masks, pass 2; ``inputs`` then
+    hold what enters the next block."""
+    device = _device(block, store_device)
+    t0 = time.perf_counter()
+    finding = correction.find_sinks(block, targets) if bias_correction else nullcontext(None)
+    with torch.no_grad(), collect_stats(targets, method.needs_hessian) as stats, finding as sinks:
+        outs = [inp.call(block, device).to(store_device) for inp in inputs]
+    sum_stats(stats)
+    result.forward_s += time.perf_counter() - t0
+    prune_layers(targets, stats, method, plan, options, result, sinks, bias_correction)
+    del stats
+    if propagate:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            outs = [inp.call(block, device).to(store_device) for inp in inputs]
+        result.forward_s += time.perf_counter() - t0
+    for inp, out in zip(inputs, outs):
+        inp.hidden = out
 
 
 def dense_pass(
@@ -160,16 +211,41 @@ def dense_pass(
     store_device="cpu",
     progress: bool = True,
     desc: str = "dense statistics",
+    placement: Optional[Resident] = None,
 ) -> None:
     """Run every block once on the dense model's own activations, with statistics hooks on its
     targets, and give each block's statistics to ``on_block``: what an allocation (OWL) weighs
-    before anything is pruned. ``inputs`` are left as they are, for the pruning pass after."""
+    before anything is pruned. ``inputs`` are left as they are, for the pruning pass after. Statistics
+    are summed over ranks, as in :func:`prune_sequential`."""
     current = [dataclasses.replace(inp) for inp in inputs]
+    placement = placement or Resident()
     for name, block in tqdm(blocks, desc=desc, disable=not progress):
         targets = targets_fn(name, block)
+        placement.enter(name, block)
         device = _device(block, store_device)
         with torch.no_grad(), collect_stats(targets) as stats:
             outs = [inp.call(block, device).to(store_device) for inp in current]
+        placement.leave(name, block, pruned=False)
+        sum_stats(stats)
         on_block(name, targets, stats)
         for inp, out in zip(current, outs):
             inp.hidden = out
+
+
+@torch.no_grad()
+def forward_sequential(
+    blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput], placement: Optional[Resident] = None,
+    store_device="cpu", progress: bool = False, desc: str = "blocks",
+) -> List[torch.Tensor]:
+    """What the last block outputs for each input, running block 0 over every input, then block 1,
+    ...: a model whose blocks come in one at a time (offload) is evaluated without ever being whole."""
+    placement = placement or Resident()
+    current = [dataclasses.replace(inp) for inp in inputs]
+    for name, block in tqdm(blocks, desc=desc, disable=not progress):
+        placement.enter(name, block)
+        device = _device(block, store_device)
+        outs = [inp.call(block, device).to(store_device) for inp in current]
+        placement.leave(name, block, pruned=False)
+        for inp, out in zip(current, outs):
+            inp.hidden = out
+    return [inp.hidden for inp in current]

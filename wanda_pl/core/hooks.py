@@ -64,6 +64,21 @@ class _Captured(Exception):
     pass
 
 
+def _pass_through(*args, **kwargs):
+    return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+
+
+class _Restore:
+    """A "handle" that takes the stand-in forwards off the blocks again."""
+
+    def __init__(self, blocks) -> None:
+        self.blocks = blocks
+
+    def remove(self) -> None:
+        for b in self.blocks:
+            b.__dict__.pop("forward", None)
+
+
 def _split(args: tuple, kwargs: Dict[str, Any]) -> Tuple[torch.Tensor, tuple, Dict[str, Any], Optional[str]]:
     """(hidden state, other positional args, other kwargs, the hidden state's keyword or None)."""
     if args:
@@ -140,6 +155,12 @@ def capture_inputs(
             raise _Captured
 
     handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
+    # A block's arguments come from the model's own loop, not from the block before: while
+    # capturing, each block passes its hidden state on unchanged, so an offloaded block's weights
+    # (on the meta device, or on the host) are never needed.
+    for b in blocks:
+        b.forward = _pass_through
+    handles.append(_Restore(blocks))
     with removing(handles), torch.no_grad():
         for n, batch in enumerate(batches):
             seen.clear()

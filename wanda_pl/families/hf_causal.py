@@ -20,19 +20,23 @@ from ..errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer, resolved path) for an embedded name, local folder or hub id."""
+def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, device_map=None):
+    """(model, tokenizer, resolved path) for an embedded name, local folder or hub id; ``device_map``
+    (accelerate's: ``auto``, ``balanced``, ``{module: device}``) spreads the blocks over devices."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_device_map(device_map)
+    placed = {} if device_map is None else {"device_map": device_map}
     path = resolve_model(name_or_path)
     if Path(path).is_dir():
-        model, tokenizer = _load_folder(path, DTYPES[dtype], trust_remote_code)
+        model, tokenizer = _load_folder(path, DTYPES[dtype], trust_remote_code, placed)
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                         **placed)
         except OSError as err:
             if "/" not in name_or_path and not path.startswith("."):
                 raise ValueError(
@@ -46,7 +50,34 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
     return model, tokenizer, path
 
 
-def _load_folder(folder: str, dtype: torch.dtype, trust_remote_code: bool):
+def check_device_map(device_map) -> None:
+    """Refuse a device map naming a device this machine does not have, before anything loads."""
+    if device_map is None:
+        return
+    if isinstance(device_map, str):
+        if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+            return
+        devices = [device_map]
+    elif isinstance(device_map, dict):
+        devices = list(device_map.values())
+    else:
+        raise ValueError(f"model.device_map must be auto | balanced | balanced_low_0 | sequential, a device, or a "
+                         f"mapping of module names to devices; got {device_map!r}")
+    cuda = torch.cuda.device_count()
+    for d in devices:
+        try:
+            dev = torch.device(f"cuda:{d}" if isinstance(d, int) else d)
+        except (RuntimeError, TypeError):
+            dev = None
+        if dev is None and d in ("disk",):
+            continue
+        ok = dev is not None and (dev.type in ("cpu", "meta") or (dev.type == "cuda" and (dev.index or 0) < cuda))
+        if not ok:
+            raise ValueError(f"model.device_map names device {d!r}, which is not here (this machine has cpu"
+                             f"{''.join(f', cuda:{i}' for i in range(cuda))})")
+
+
+def _load_folder(folder: str, dtype: torch.dtype, trust_remote_code: bool, placed=None):
     """A local Hugging Face folder; a failure names the folder and the part of it at fault (transformers'
     own messages often do not)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -63,7 +94,7 @@ def _load_folder(folder: str, dtype: torch.dtype, trust_remote_code: bool):
                      lambda: AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))
     model = part("its weights (model.safetensors or pytorch_model.bin: truncated or corrupt?)",
                  lambda: AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype,
-                                                              trust_remote_code=trust_remote_code))
+                                                              trust_remote_code=trust_remote_code, **(placed or {})))
     return model, tokenizer
 
 
@@ -108,8 +139,55 @@ def named_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(f"{prefix}.{i}", b) for i, b in enumerate(blocks)]
 
 
-def capture_block_inputs(model: nn.Module, calibration: torch.Tensor, store_device="cpu") -> List[BlockInput]:
-    """The first decoder block's inputs for each calibration window (token ids, (n, seqlen))."""
+def capture_block_inputs(model: nn.Module, calibration: torch.Tensor, store_device="cpu",
+                         batch_size: int = 1) -> List[BlockInput]:
+    """The first decoder block's inputs for calibration windows (token ids, (n, seqlen)), one
+    :class:`BlockInput` per ``batch_size`` windows: the model itself builds each batch's masks and
+    position arguments, so a smaller last batch gets its own."""
     device = next(model.parameters()).device
-    return capture_inputs(model, find_blocks(model)[1], calibration.split(1),
+    return capture_inputs(model, find_blocks(model)[1], calibration.split(batch_size),
                           lambda m, ids: m(input_ids=ids.to(device), use_cache=False), store_device)
+
+
+def non_block_modules(model: nn.Module) -> List[str]:
+    """The modules holding weights or buffers of their own outside the decoder blocks (embeddings,
+    rotary tables, final norm, head), by name."""
+    prefix = find_blocks(model)[0]
+
+    def own(m: nn.Module) -> bool:
+        return any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+
+    return [name for name, m in model.named_modules()
+            if name != prefix and not name.startswith(prefix + ".") and own(m)]
+
+
+@torch.no_grad()
+def head_logits(model: nn.Module, ids: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``ids`` given what its last block output for them: the model runs as
+    usual (embeddings, final norm, head) with every block standing in by that output, so whatever
+    comes after the blocks (OPT's projection, Gemma's soft-capping) is the model's own code."""
+    blocks = find_blocks(model)[1]
+    for block in blocks:
+        block.forward = lambda *args, **kwargs: last_hidden
+    try:
+        device = next(model.get_output_embeddings().parameters()).device
+        return model(input_ids=ids.to(device), use_cache=False).logits
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def blockwise_logits(model: nn.Module, batches: List[torch.Tensor], placement, device, progress: bool = False):
+    """(ids, logits) per batch of windows, computed block-sequentially (embedding, block 0 over every
+    window, block 1, ..., norm and head) with ``placement`` bringing each block in: the numbers of
+    whole-model forwards, with one block present at a time."""
+    from ..core.engine import forward_sequential
+
+    if not batches:
+        return
+    size = batches[0].shape[0]
+    ids = torch.cat(batches)
+    inputs = capture_block_inputs(model, ids, "cpu", size)
+    finals = forward_sequential(named_blocks(model), inputs, placement, "cpu", progress, desc="perplexity: blocks")
+    for chunk, hidden in zip(ids.split(size), finals):
+        yield chunk, head_logits(model, chunk, hidden.to(device))

@@ -6,7 +6,7 @@ It implements :class:`wanda_pl.modules.protocol.PrunableModule`; what is Hugging
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import lightning as L
 import torch
@@ -15,11 +15,14 @@ import torch.nn as nn
 from ..core.hooks import BlockInput
 from ..core.layers import select_targets
 from ..eval.perplexity import PerplexitySums, window_nll
-from ..families.hf_causal import capture_block_inputs, load_causal_lm, named_blocks, save_causal_lm
+from ..core.onload import HostOffload, Resident, check_offload, refuse_offloaded
+from ..families.hf_causal import (blockwise_logits, capture_block_inputs, load_causal_lm, named_blocks, non_block_modules,
+                                  save_causal_lm)
+from ..families.hf_disk import DiskModel
+from ..errors import UserError
 from .common import adamw, record_train_loss, trainable_params
 
 log = logging.getLogger(__name__)
-
 
 class CausalLM(L.LightningModule):
     """A Hugging Face causal LM to prune, validate (perplexity) and fine-tune.
@@ -40,6 +43,12 @@ class CausalLM(L.LightningModule):
         lora_alpha: LoRA alpha (the update is scaled by alpha / r).
         lora_dropout: dropout on the adapters' input while training.
         lora_targets: regexes of the linear layers to adapt (the reference: q_proj and v_proj).
+        offload: ``none`` (the whole model on the accelerator), ``cpu`` (weights in host memory, one
+            block at a time on the accelerator) or ``disk`` (built without weights; each block read from
+            the checkpoint's safetensors for its turn, written out pruned and freed). Offloaded,
+            perplexity runs block by block too; zero-shot and fine-tuning need the whole model.
+        device_map: accelerate's device map for ``from_pretrained`` (``auto``, ``balanced``, or
+            ``{module: device}``): one model over several accelerators, each block's work on its device.
     """
 
     def __init__(
@@ -57,8 +66,11 @@ class CausalLM(L.LightningModule):
         lora_alpha: float = 16,
         lora_dropout: float = 0.05,
         lora_targets: Sequence[str] = ("q_proj", "v_proj"),
+        offload: str = "none",
+        device_map: Optional[Union[str, Dict[str, Union[int, str]]]] = None,
     ) -> None:
         super().__init__()
+        check_offload(offload, device_map)
         if finetune not in ("full", "lora"):
             raise ValueError(f"model.finetune must be 'full' or 'lora', got {finetune!r}")
         if finetune == "lora" and trainable is not None:
@@ -66,13 +78,43 @@ class CausalLM(L.LightningModule):
         if lora_r < 1 or not 0 <= lora_dropout < 1:
             raise ValueError(f"model.lora_r must be >= 1 and model.lora_dropout in [0, 1), got {lora_r}, {lora_dropout}")
         self.save_hyperparameters()
-        self.model, self.tokenizer, self.path = load_causal_lm(name_or_path, dtype, trust_remote_code)
+        if offload == "disk":
+            self.disk = DiskModel(name_or_path, dtype, trust_remote_code)
+            model, self.tokenizer, self.path = self.disk.model, self.disk.tokenizer, self.disk.path
+        else:
+            model, self.tokenizer, self.path = load_causal_lm(name_or_path, dtype, trust_remote_code, device_map)
+        if offload != "none" or device_map is not None:
+            self.__dict__["_held"] = model  # not a submodule: Lightning must not move it to one device
+        else:
+            self.model = model
+        self._eval_ids: List[torch.Tensor] = []
         self.max_length = getattr(self.model.config, "max_position_embeddings", None)
         self._ppl = PerplexitySums()
         self._metrics: Dict[str, float] = {}
         self.masks: Dict[str, torch.Tensor] = {}
         self.train_losses: List[torch.Tensor] = []
         self._finetune_ready = False
+
+    @property
+    def model(self) -> nn.Module:
+        return self._modules["model"] if "model" in self._modules else self.__dict__["_held"]
+
+    # --- where the weights are: offload, device maps ---
+    @property
+    def offloaded(self) -> bool:
+        return self.hparams.offload != "none"
+
+    def placement(self) -> Resident:
+        """How the engine brings each block in (:mod:`wanda_pl.core.onload`); the embeddings, final
+        norm and head stay on the accelerator."""
+        if self.hparams.offload == "none":
+            return Resident()
+        for name in non_block_modules(self.model):
+            if self.hparams.offload == "cpu":
+                self.model.get_submodule(name).to(self.device)
+        if self.hparams.offload == "cpu":
+            return HostOffload(self.device)
+        return self.disk.placement(self.device)
 
     # --- sharding (Lightning's ModelParallelStrategy: FSDP2) ---
     def configure_model(self) -> None:
@@ -96,11 +138,14 @@ class CausalLM(L.LightningModule):
 
     # --- what to prune ---
     def prunable_blocks(
-        self, calibration: Optional[torch.Tensor], store_device="cpu"
+        self, calibration: Optional[torch.Tensor], store_device="cpu", batch_size: Optional[int] = None
     ) -> Tuple[List[Tuple[str, nn.Module]], List[BlockInput]]:
-        """The decoder blocks in order and the captured inputs of the first (none without calibration)."""
+        """The decoder blocks in order and the captured inputs of the first (none without calibration),
+        ``batch_size`` windows per input (None: 1, the reference)."""
         named = named_blocks(self.model)
-        return named, [] if calibration is None else capture_block_inputs(self.model, calibration, store_device)
+        if calibration is None:
+            return named, []
+        return named, capture_block_inputs(self.model, calibration, store_device, batch_size or 1)
 
     def block_targets(self, name: str, block: nn.Module) -> Dict[str, nn.Module]:
         return select_targets(block, name, self.hparams.targets, self.hparams.ignore or ())
@@ -121,9 +166,20 @@ class CausalLM(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         (ids,) = batch
-        self._ppl.update(self(ids), ids)
+        if self.offloaded:
+            self._eval_ids.append(ids.cpu())  # measured block by block at the epoch's end
+        else:
+            self._ppl.update(self(ids), ids)
+
+    def _offloaded_perplexity(self) -> None:
+        batches, self._eval_ids = self._eval_ids, []
+        for ids, logits in blockwise_logits(self.model, batches, self.placement(), self.device,
+                                            self.trainer.is_global_zero):
+            self._ppl.update(logits, ids.to(self.device))
 
     def on_validation_epoch_end(self) -> None:
+        if self.offloaded:
+            self._offloaded_perplexity()
         ppl = self._ppl.compute()
         if ppl is None:
             return
@@ -143,7 +199,11 @@ class CausalLM(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # Before the checkpoint is restored and the optimizer built: the adapters must exist by then.
+        if self.hparams.offload == "disk" and self.trainer.world_size > 1:
+            raise UserError("model.offload disk runs in one process (rank 0 writes the pruned blocks it then reads "
+                            "back); for data-parallel calibration use model.offload cpu or none")
         if stage == "fit":
+            refuse_offloaded("fine-tuning", self.hparams.offload, self.hparams.device_map)
             self.prepare_finetune()
 
     def prepare_finetune(self) -> None:
@@ -228,4 +288,6 @@ class CausalLM(L.LightningModule):
         save_causal_lm(self.model, self.tokenizer, folder, state_dict)
 
     def describe(self) -> Dict[str, Any]:
-        return {"model": self.hparams.name_or_path, "model_path": self.path, "dtype": self.hparams.dtype}
+        hp = self.hparams
+        return {"model": hp.name_or_path, "model_path": self.path, "dtype": hp.dtype, "offload": hp.offload,
+                **({"device_map": hp.device_map} if hp.device_map is not None else {})}

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.hooks import BlockInput
+from ..core.onload import Resident
 from ..eval.vision import Agreement, top_k_accuracy, validation_results
 from ..families import timm as family
 from ..families import timm_build
@@ -87,17 +88,22 @@ class Classifier(L.LightningModule):
 
     # --- what to prune ---
     def prunable_blocks(
-        self, calibration: Optional[torch.Tensor], store_device="cpu"
+        self, calibration: Optional[torch.Tensor], store_device="cpu", batch_size: Optional[int] = None
     ) -> Tuple[List[Tuple[str, nn.Module]], List[BlockInput]]:
-        """The units to prune in order and the calibration inputs of the first one."""
+        """The units to prune in order and the calibration inputs of the first one, ``batch_size``
+        images per input (None: ``calibration_batch_size``)."""
         if calibration is not None and (calibration.dim() != 4 or calibration.shape[1] != 3):
             raise ValueError(f"calibration images must be (N, 3, H, W), got {tuple(calibration.shape)}")
-        batches = [] if calibration is None else list(calibration.split(self.hparams.calibration_batch_size))
+        batches = [] if calibration is None else list(calibration.split(batch_size or self.hparams.calibration_batch_size))
         units = self.units(batches[0][:1] if batches else None)
         if calibration is None:
             return units, []
         first = units[0][1]
         return units, family.first_inputs(self.model, first, batches, self.pixel_mean, self.pixel_std, store_device)
+
+    def placement(self) -> Resident:
+        """Vision models fit one device: no offloading."""
+        return Resident()
 
     def units(self, probe: Optional[torch.Tensor] = None) -> List[Tuple[str, nn.Module]]:
         """The block chain, or ``[("", model)]`` when it cannot be used (:func:`wanda_pl.families.timm.units`).

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..core.hooks import BlockInput
+from ..core.onload import Resident
 
 Blocks = List[Tuple[str, nn.Module]]
 
@@ -28,9 +29,14 @@ class PrunableModule(Protocol):
     def block_targets(self, name: str, block: nn.Module) -> Dict[str, nn.Module]:
         """The prunable layers of one block (``name`` is the block's own name)."""
 
-    def prunable_blocks(self, calibration: Optional[torch.Tensor], store_device) -> Tuple[Blocks, List[BlockInput]]:
+    def prunable_blocks(self, calibration: Optional[torch.Tensor], store_device,
+                        batch_size: Optional[int] = None) -> Tuple[Blocks, List[BlockInput]]:
         """The blocks in the order the network runs them, and the first block's captured inputs
-        for ``calibration`` (none when it is None)."""
+        for ``calibration`` (none when it is None), ``batch_size`` samples per input (None: the
+        module's default)."""
+
+    def placement(self) -> Resident:
+        """Where each block's weights come from for its turn (:mod:`wanda_pl.core.onload`)."""
 
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
         """The masks now applied (from the Pruning callback): e.g. masked LoRA updates skip them."""

@@ -1,0 +1,118 @@
+"""Resumable pruning: a run killed by a real SIGKILL after block 1 of a 4-block model resumes, with
+``--resume true``, to bit-identical masks and weights; other settings, a missing staging folder and
+a stale one are handled before any work."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = Path(__file__).resolve().parent / "probe"
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory, tokenizer):
+    """A tiny Llama with 4 blocks (the other fixtures have 2)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llama4")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run(model_dir, text_file, out, *extra, kill_after=None, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": f"{PROBE}{os.pathsep}{ROOT}"}
+    env.pop("WANDA_PL_PROBE_DIR", None)
+    if kill_after is not None:
+        env["WANDA_PL_PROBE_KILL_AFTER"] = str(kill_after)
+    cmd = [sys.executable, str(ROOT / "cli.py"), "prune", "--model.name_or_path", str(model_dir),
+           "--data.calibration", str(text_file), "--data.evaluation", str(text_file), "--data.nsamples", "4",
+           "--data.seqlen", "32", "--data.max_eval_windows", "2", "--pruning.sparsity_ratio", "0.5",
+           "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--save_model", "true",
+           "--output_dir", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def assert_same_output(a: Path, b: Path):
+    ma, mb = torch.load(a / "masks.pt", weights_only=True), torch.load(b / "masks.pt", weights_only=True)
+    assert list(ma) == list(mb)
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+    wa, wb = weights(a / "model"), weights(b / "model")
+    assert set(wa) == set(wb)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    ra, rb = json.loads((a / "report.json").read_text()), json.loads((b / "report.json").read_text())
+    assert ra["ppl"] == rb["ppl"] and ra["layers"] == rb["layers"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,offload", [("sparsegpt", "none"), ("wanda", "disk")])
+def test_sigkill_after_block_1_resumes_bit_identical(deep_llama, text_file, tmp_path, method, offload):
+    args = ("--pruning.method", method, "--model.offload", offload)
+    whole = tmp_path / "whole"
+    run(deep_llama, text_file, whole, *args)
+    out = tmp_path / "runs" / "out"
+    killed = run(deep_llama, text_file, out, *args, kill_after=1, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    staging = tmp_path / "runs" / ".out.wanda_pl-resume"
+    assert json.loads((staging / "progress.rank0.json").read_text())["done"] == 1
+    assert not out.exists()
+    resumed = run(deep_llama, text_file, out, *args, "--resume", "true")
+    assert "resuming after block 1" in resumed.stdout + resumed.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_from_block"] == 2
+    assert_same_output(whole, out)
+    assert not staging.exists()  # a finished run deletes its staging folder
+    # offload=disk's output equals the resident run's, bit for bit
+    if offload == "disk":
+        resident = tmp_path / "resident"
+        run(deep_llama, text_file, resident, "--pruning.method", method)
+        assert_same_output(resident, out)
+
+
+@pytest.mark.slow
+def test_resume_refusals_and_a_stale_folder(deep_llama, text_file, tmp_path):
+    out = tmp_path / "runs" / "out"
+    staging = tmp_path / "runs" / ".out.wanda_pl-resume"
+    none = run(deep_llama, text_file, out, "--resume", "true", check=False)
+    assert none.returncode == 2 and "no staging folder" in none.stderr and "to resume from" in none.stderr
+    run(deep_llama, text_file, out, kill_after=0, check=False)
+    assert staging.is_dir()
+    other = run(deep_llama, text_file, out, "--resume", "true", "--pruning.sparsity_ratio", "0.6", check=False)
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "other settings" in other.stderr and "method" in other.stderr and "0.6" in other.stderr
+    assert "Loading" not in other.stdout  # refused before any work
+    fresh = run(deep_llama, text_file, out)  # no --resume: the stale folder is reported and replaced
+    assert "replacing the staging folder" in fresh.stdout
+    assert not staging.exists() and (out / "report.json").is_file()
+    # a folder in the way that is not ours is never removed
+    staging.mkdir()
+    (staging / "mine.txt").write_text("a user's file")
+    foreign = run(deep_llama, text_file, out, check=False)
+    assert foreign.returncode == 2 and "was not written by wanda_pl" in foreign.stderr
+    assert (staging / "mine.txt").read_text() == "a user's file"

@@ -1,0 +1,167 @@
+"""``offload: disk``: a Hugging Face causal LM that is never whole in memory.
+
+The model is built without weights (meta device); the embeddings, final norm and head are read at
+once (they run for every window), each decoder block only for its turn, from the checkpoint's
+safetensors files, memory-mapped. A pruned block goes straight to a shard file of the output
+folder and is freed; from then on its weights are read from that shard, so the pruned model is
+measured on what was written. Host memory is one block plus the activation buffers, whatever the
+depth of the model."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from ..assets.resolve import resolve_model
+from ..core.onload import Resident
+from ..errors import UserError
+from .hf_causal import DTYPES, named_blocks, non_block_modules
+from .hf_offload import checkpoint_index, empty_causal_lm, load_into, state_of, unload
+
+INDEX = "model.safetensors.index.json"
+
+
+def shard_name(k: int, n: int) -> str:
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+class DiskModel:
+    """The meta-device model, its tokenizer and where each of its tensors is read from."""
+
+    def __init__(self, name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> None:
+        from transformers import AutoTokenizer
+
+        if dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.path = resolve_model(name_or_path)
+        if not Path(self.path).is_dir():
+            raise UserError(f"model.offload disk reads a local folder of safetensors files; {name_or_path!r} is not "
+                            f"one (download it first, e.g. huggingface-cli download {name_or_path})")
+        self.index: Dict[str, Path] = checkpoint_index(self.path)
+        self.dtype = DTYPES[dtype]
+        self.model = empty_causal_lm(self.path, self.dtype, trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        self.blocks = [name for name, _ in named_blocks(self.model)]
+        self.stem = non_block_modules(self.model)
+        load_into(self.model, self.stem, self.index, "cpu", self.dtype)
+        self.out: Optional[Path] = None  # where pruned blocks go (set by the command)
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.blocks) + 1  # one per block, the rest last
+
+    def write_to(self, folder) -> None:
+        """Pruned blocks are written into ``folder`` (created), as shards of the final checkpoint."""
+        self.out = Path(folder)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def reuse_written(self, block: str) -> None:
+        """Read ``block`` from the shard an interrupted run wrote for it (a resumed run)."""
+        self._point_at(block, self.out / shard_name(self.blocks.index(block), self.n_shards))
+
+    def _point_at(self, block: str, shard: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                self.index[key] = shard
+        self.index = dict(self.index)
+
+    def placement(self, device) -> "DiskPlacement":
+        for name in self.stem:
+            self.model.get_submodule(name).to(device)
+        return DiskPlacement(self, device)
+
+    def _zeros(self, targets: Dict[str, nn.Module]) -> Dict[str, tuple]:
+        """(zeros, size) of each target's weight, read one at a time from where it is now."""
+        from safetensors import safe_open
+
+        out = {}
+        for name in targets:
+            key = f"{name}.weight"
+            with safe_open(str(self.index[key]), framework="pt", device="cpu") as f:
+                w = f.get_tensor(key)
+            out[name] = (int((w == 0).sum()), w.numel())
+        return out
+
+    def layer_sparsity(self, targets: Dict[str, nn.Module]) -> Dict[str, float]:
+        return {n: z / size for n, (z, size) in self._zeros(targets).items()}
+
+    def overall_sparsity(self, targets: Dict[str, nn.Module]) -> float:
+        counts = self._zeros(targets).values()
+        return sum(z for z, _ in counts) / max(sum(size for _, size in counts), 1)
+
+    def write_block(self, name: str) -> Path:
+        """Write the pruned block ``name`` as its shard, atomically, and read it from there from now on."""
+        from safetensors.torch import save_file
+
+        if self.out is None:
+            raise RuntimeError("model.offload disk: the output folder for pruned blocks was never set")
+        k = self.blocks.index(name)
+        shard = self.out / shard_name(k, self.n_shards)
+        tensors = {key: t.detach().to("cpu").contiguous() for key, t in state_of(self.model, name).items()}
+        tmp = shard.with_name(f".{shard.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, shard)
+        self._point_at(name, shard)
+        return shard
+
+    def finish(self) -> None:
+        """The rest (embeddings, norm, head) as the last shard, the index, config and tokenizer: a folder
+        ``from_pretrained`` loads."""
+        from safetensors.torch import save_file
+
+        rest = {}
+        for name in self.stem:
+            rest.update(state_of(self.model, name))
+        shard = self.out / shard_name(len(self.blocks), self.n_shards)
+        save_file({k: t.detach().to("cpu").contiguous() for k, t in rest.items()}, str(shard), metadata={"format": "pt"})
+        weight_map, total = {}, 0
+        from safetensors import safe_open
+
+        for k in range(self.n_shards):
+            part = self.out / shard_name(k, self.n_shards)
+            if not part.is_file():
+                raise RuntimeError(f"model.offload disk: shard {part.name} is missing: a block was never written")
+            with safe_open(str(part), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    weight_map[key] = part.name
+                    sl = f.get_slice(key)
+                    total += _nbytes(sl.get_shape(), sl.get_dtype())
+        (self.out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2, sort_keys=True) + "\n")
+        self.model.config.save_pretrained(self.out)
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(self.out)
+        self.tokenizer.save_pretrained(self.out)
+
+
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _nbytes(shape, dtype: str) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * _BYTES.get(dtype, 4)
+
+
+class DiskPlacement(Resident):
+    """Each block read in for its turn and dropped after it (written first when pruned)."""
+
+    offloaded = True
+
+    def __init__(self, disk: DiskModel, device) -> None:
+        self.disk, self.device = disk, torch.device(device)
+
+    def enter(self, name: str, block: nn.Module) -> None:
+        load_into(self.disk.model, [name], self.disk.index, self.device, self.disk.dtype)
+
+    def leave(self, name: str, block: nn.Module, pruned: bool) -> None:
+        if pruned:
+            self.disk.write_block(name)
+        unload(self.disk.model, [name])
