@@ -165,3 +165,37 @@ def test_offload_refuses_what_needs_the_whole_model(tiny_dirs):
     module._trainer = SimpleNamespace(world_size=1)
     with pytest.raises(UserError, match="fine-tuning needs the whole model.*FSDP2"):
         module.setup("fit")
+
+
+def test_each_block_is_present_only_for_its_turn(tiny_dirs):
+    """The engine asks for a block just before it runs and gives it back right after: at most one
+    block is ever in, and every forward of a block happens while it is in."""
+    from wanda_pl.core.onload import HostOffload
+
+    module = CausalLM(str(tiny_dirs["llama"]), offload="cpu")
+    events, present = [], set()
+
+    class Recording(HostOffload):
+        def enter(self, name, block):
+            assert not present, f"{name} entered while {present} still in"
+            present.add(name)
+            events.append(("enter", name))
+            super().enter(name, block)
+
+        def leave(self, name, block, pruned):
+            present.discard(name)
+            events.append(("leave", name, pruned))
+            super().leave(name, block, pruned)
+
+    blocks, _ = module.prunable_blocks(None)
+    for name, block in blocks:
+        block.register_forward_pre_hook(lambda mod, args, name=name: events.append(("run", name, name in present)))
+    module.placement = lambda: Recording("cpu")
+    prune(module, "wanda", calib_ids(4), batch_size=2)
+    first = events.index(("enter", blocks[0][0]))
+    # capturing the first block's inputs calls the blocks as stand-ins (their weights unused: the
+    # offload=disk tests run them on the meta device); every real forward happens while the block is in
+    runs = [e for e in events[first:] if e[0] == "run"]
+    assert len(runs) == 2 * 2 * len(blocks) and all(inside for _, _, inside in runs)  # 2 batches x 2 passes
+    turns = [e for e in events if e[0] != "run"]
+    assert turns == [t for name, _ in blocks for t in (("enter", name), ("leave", name, True))]
