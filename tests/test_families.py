@@ -15,7 +15,7 @@ from test_cli import load_saved, simple_ppl  # noqa: E402
 
 REQUIRED = ("model", "method", "sparsity_type", "sparsity_ratio", "use_variant", "nsamples", "seqlen", "seed",
             "calibration", "evaluation", "actual_sparsity", "layers", "ppl_dense", "ppl", "time_s",
-            "peak_memory_mb", "versions")
+            "peak_memory_mb", "versions", "devices", "torch_threads", "calibration_samples_per_rank", "offload")
 
 # decoder-block linears of the tiny configs (2 blocks each)
 N_LAYERS = {"llama": 14, "mistral": 14, "qwen2": 14, "gpt2": 8, "opt": 12, "gemma2": 14}

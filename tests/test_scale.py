@@ -20,11 +20,11 @@ def calib_ids(n=NSAMPLES, seed=0):
     return torch.randint(0, 256, (n, SEQLEN), generator=g)
 
 
-def prune(module, method, ids, batch_size=None, ratio=0.5):
+def prune(module, method, ids, batch_size=None, ratio=0.5, **knobs):
     dm = SimpleNamespace(calibration_data=lambda: ids)
     calibration = Calibration(batch_size=batch_size)
     trainer = SimpleNamespace(callbacks=[calibration], is_global_zero=False, datamodule=dm, global_rank=0, world_size=1)
-    pruning = Pruning(method, sparsity_ratio=ratio)
+    pruning = Pruning(method, sparsity_ratio=ratio, **knobs)
     pruning.prune(trainer, module)
     return pruning
 
@@ -199,3 +199,37 @@ def test_each_block_is_present_only_for_its_turn(tiny_dirs):
     assert len(runs) == 2 * 2 * len(blocks) and all(inside for _, _, inside in runs)  # 2 batches x 2 passes
     turns = [e for e in events if e[0] != "run"]
     assert turns == [t for name, _ in blocks for t in (("enter", name), ("leave", name, True))]
+
+
+def test_fewer_samples_than_ranks_is_refused_before_work(tiny_dirs, text_file, tmp_path):
+    from conftest import run_cli
+
+    error, out = run_cli(["prune", "--model.name_or_path", str(tiny_dirs["llama"]), "--data.calibration", str(text_file),
+                          "--data.evaluation", str(text_file), "--data.nsamples", "1", "--data.seqlen", "16",
+                          "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                          "--output_dir", str(tmp_path / "out")])
+    assert error is not None and "1 calibration samples for 2 ranks" in error, error
+    assert "dense baseline" not in out and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method,knobs", [
+    ("admm", {}), ("wanda", {"refine": "dsnot"}), ("wanda", {"update": "admm"}),
+    ("wanda", {"allocation": "owl", "owl_lambda": 0.05}), ("ria", {}),
+])
+def test_the_steps_beyond_the_paper_offload_alike(tiny_dirs, tmp_path, method, knobs):
+    """OWL's dense pass, DSnoT, ADMM and RIA read their blocks through the same placement."""
+    from transformers import AutoModelForCausalLM
+
+    ids = calib_ids()
+    resident = CausalLM(str(tiny_dirs["llama"]))
+    want = prune(resident, method, ids, **knobs)
+    disk = CausalLM(str(tiny_dirs["llama"]), offload="disk")
+    disk.disk.write_to(tmp_path / "out")
+    got = prune(disk, method, ids, **knobs)
+    disk.disk.finish()
+    assert want.outcome.plan == got.outcome.plan
+    for name in want.masks:
+        assert torch.equal(want.masks[name], got.masks[name]), name
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    for key, value in resident.model.state_dict().items():
+        assert torch.equal(value, written[key]), key

@@ -47,5 +47,8 @@ def lightning_writes(trainer) -> Dict[str, object]:
 
 def environment(trainer) -> Dict[str, Any]:
     """The report's ``environment`` section."""
-    return {"peak_memory_mb": peak_memory(), "devices": trainer.world_size, "versions": versions()}
+    import torch
+
+    return {"peak_memory_mb": peak_memory(), "devices": trainer.world_size, "torch_threads": torch.get_num_threads(),
+            "versions": versions()}
 

@@ -18,6 +18,7 @@ import torch
 
 from ..callbacks import Pruning, ZeroShot
 from ..callbacks.lookup import find_callback
+from ..core.distributed import share
 from ..core.plan import describe as describe_plan
 from ..eval.zero_shot import format_table
 from ..modules.protocol import require
@@ -64,7 +65,10 @@ def prune(
     check_output_dir(output_dir, inputs, writes)
     datamodule.prepare_for(model)
     pruning.check(model)
+    if pruning.needs_activations:  # data-parallel calibration: at least one sample per rank
+        share(len(datamodule.calibration_data()), 0, trainer.world_size)
     disk = getattr(model, "disk", None)
+    save_model = save_model or disk is not None  # offload disk writes the pruned model as it goes: it is kept
     if resume and not (checkpoints or disk):
         raise ValueError("--resume true continues from the per-block checkpoints, which --checkpoints false turns off")
     ckpt = checkpoints_for(trainer, model, datamodule, pruning, output_dir, resume) if checkpoints or disk else None

@@ -225,9 +225,9 @@ def dense_pass(
         device = _device(block, store_device)
         with torch.no_grad(), collect_stats(targets) as stats:
             outs = [inp.call(block, device).to(store_device) for inp in current]
-        placement.leave(name, block, pruned=False)
         sum_stats(stats)
-        on_block(name, targets, stats)
+        on_block(name, targets, stats)  # reads the block's weights: before they are given back
+        placement.leave(name, block, pruned=False)
         for inp, out in zip(current, outs):
             inp.hidden = out
 

@@ -18,11 +18,24 @@ import torch.nn as nn
 
 from ..assets.resolve import resolve_model
 from ..core.onload import Resident
-from ..errors import UserError
 from .hf_causal import DTYPES, named_blocks, non_block_modules
 from .hf_offload import checkpoint_index, empty_causal_lm, load_into, state_of, unload
 
 INDEX = "model.safetensors.index.json"
+
+
+def _download(repo_id: str) -> str:
+    """A hub id's safetensors, config and tokenizer in the local hub cache (read block by block from
+    there); what a plain ``from_pretrained`` would fetch, without loading it."""
+    from huggingface_hub import snapshot_download
+
+    from ..assets.resolve import EMBEDDED_MODELS, hub_error
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json",
+                                                          "tokenizer*", "*.model", "*.txt"])
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, gated: one message with the way out
+        raise hub_error("model", repo_id, err, EMBEDDED_MODELS) from err
 
 
 def shard_name(k: int, n: int) -> str:
@@ -39,8 +52,7 @@ class DiskModel:
             raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.path = resolve_model(name_or_path)
         if not Path(self.path).is_dir():
-            raise UserError(f"model.offload disk reads a local folder of safetensors files; {name_or_path!r} is not "
-                            f"one (download it first, e.g. huggingface-cli download {name_or_path})")
+            self.path = _download(name_or_path)
         self.index: Dict[str, Path] = checkpoint_index(self.path)
         self.dtype = DTYPES[dtype]
         self.model = empty_causal_lm(self.path, self.dtype, trust_remote_code)
