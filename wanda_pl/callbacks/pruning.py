@@ -22,7 +22,7 @@ from ..core.engine import (NoCheckpoints, PruneResult, check_targets, merge_resu
                            prune_sequential)
 from ..core.plan import uniform
 from ..core.sparsity import SparsitySpec
-from ..methods import check_knobs, get_method
+from ..methods import check_knobs, get_method, ria
 from ..methods.compose import compose
 from ..training.masks import check_strategy, masks_from, with_zeros
 from ..training.sharding import is_dtensor, is_sharded, local, local_mask, overall_sparsity
@@ -39,9 +39,8 @@ class Pruning(Callback):
         sparsity_type: ``unstructured`` or ``N:M`` (N pruned of every M consecutive inputs, e.g. 2:4).
         use_variant: the Wanda variant (per-row threshold on cumulative scores; unstructured only).
         granularity: comparison group, ``row`` or ``layer`` (unset: the method's default).
-        blocksize: SparseGPT column block size.
-        percdamp: SparseGPT damping, a fraction of the Hessian's mean diagonal.
-        ria_alpha: RIA's exponent of the input norm (0.5 as its paper).
+        blocksize, percdamp: SparseGPT's column block size and damping (a fraction of the Hessian's mean diagonal).
+        ria_alpha, ria_permute: RIA's exponent of the input norm (0.5 as its paper); its channel permutation (N:M).
         refine: after a mask-only method's mask: ``none`` or ``dsnot`` (DSnoT's prune-and-grow swaps).
         dsnot_cycles, dsnot_threshold, dsnot_var_power: DSnoT's cycles, stop on ``|e|``, variance power.
         update: after a mask-only method: ``none`` or ``admm`` (ADMM's reconstruction of the outputs on the mask).
@@ -56,10 +55,9 @@ class Pruning(Callback):
         owl_lambda: OWL's spread: the blocks' sparsities span ``2 * owl_lambda`` around ``sparsity_ratio``.
         profile: with ``allocation: profile``: a sparsity per block (a list) or per layer (regex -> ratio).
         enabled: prune when validation or fitting starts (``prune`` turns it on after the dense baseline).
-        masks_from: take the masks instead of computing them: ``zeros`` (the zeros of an already pruned
-            model, e.g. ``--model.name_or_path outputs/x/model``) or a mask file (``masks.pt`` from
-            ``prune --save_model true`` or a fine-tuning run, or its folder). ``fit`` uses them even
-            without ``enabled``.
+        masks_from: take the masks instead of computing them: ``zeros`` (the zeros of an already pruned model,
+            e.g. ``--model.name_or_path outputs/x/model``) or a mask file (``masks.pt`` from ``prune --save_model
+            true`` or a fine-tuning run, or its folder). ``fit`` uses them even without ``enabled``.
     """
 
     def __init__(
@@ -72,6 +70,7 @@ class Pruning(Callback):
         blocksize: int = 128,
         percdamp: float = 0.01,
         ria_alpha: float = 0.5,
+        ria_permute: bool = False,
         refine: str = "none",
         dsnot_cycles: int = 50,
         dsnot_threshold: float = 0.1,
@@ -99,10 +98,13 @@ class Pruning(Callback):
             raise ValueError(f"pruning.use_variant needs unstructured sparsity and a method that has it (wanda), "
                              f"got method={method!r}, sparsity_type={self.spec.type!r}")
         self.knobs = dict(granularity=granularity, use_variant=use_variant, blocksize=blocksize, percdamp=percdamp,
-                          ria_alpha=ria_alpha, admm_iterations=admm_iterations, admm_rho=admm_rho,
-                          admm_percdamp=admm_percdamp, admm_gradual=admm_gradual, dsnot_cycles=dsnot_cycles,
-                          dsnot_threshold=dsnot_threshold, dsnot_var_power=dsnot_var_power)
+                          ria_alpha=ria_alpha, ria_permute=ria_permute, admm_iterations=admm_iterations,
+                          admm_rho=admm_rho, admm_percdamp=admm_percdamp, admm_gradual=admm_gradual,
+                          dsnot_cycles=dsnot_cycles, dsnot_threshold=dsnot_threshold, dsnot_var_power=dsnot_var_power)
         check_knobs(**self.knobs)  # every knob, whether or not this method reads it: a typo must not wait
+        if ria_permute and "ria_permute" in self.method.option_names and (refine != "none" or not self.spec.structured):
+            raise ValueError(f"{ria.PERMUTE_ONLY_NM} and without pruning.refine (DSnoT swaps within the unpermuted "
+                             f"groups), got sparsity_type={self.spec.type!r}, refine={refine!r}")
         self.options = self.method.make_options(**self.knobs)
         self.bias_correction = bias_correction
         self.allocation = Allocation(allocation, owl_m, owl_lambda, profile)
@@ -138,8 +140,7 @@ class Pruning(Callback):
         }
 
     def check(self, pl_module) -> None:
-        """Fail early when a layer cannot take the sparsity (e.g. M does not divide its width), the
-        profile does not fit the model, or the bias correction has nowhere to go."""
+        """Fail early where a layer cannot take the sparsity (M does not divide it), a profile or a bias correction."""
         targets = pl_module.all_targets()
         blocks, _ = pl_module.prunable_blocks(None)
         owl = self.allocation.needs_activations  # its plan needs the dense pass: checked as uniform here
@@ -217,9 +218,8 @@ class Pruning(Callback):
             self.apply(pl_module)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        """Masks from the checkpoint (restored before this hook, or before ``on_train_start`` where the
-        strategy restores after its setup), ``masks_from`` or pruning now; applied, given to the module
-        (masked LoRA), and kept through every optimizer step."""
+        """Masks from the checkpoint (restored before this hook, or before ``on_train_start`` where the strategy
+        restores after its setup), ``masks_from`` or pruning now; applied, given to the module (masked LoRA), kept."""
         if self.wants_masks or self.masks:
             check_strategy(trainer)  # early; _start checks again, masks restored from a checkpoint included
         if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):

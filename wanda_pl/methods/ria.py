@@ -4,7 +4,9 @@ Score ``S[i, j] = (|W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij|) * ||X_j||^a`` 
 a weight's share of its input column's and of its output row's total magnitude, times the input
 norm (``sqrt`` of Wanda's ``scaler_row``) to the power ``a`` (0.5 in the paper). Compared over the
 whole layer by default, as the paper's code does (``granularity: row`` is Wanda's per-row rule).
-The paper's channel permutation before N:M is not done here: N:M takes the plain score.
+With ``ria_permute`` and N:M sparsity, the paper's channel permutation (:mod:`.permute`): the N:M
+mask is chosen on the score with the input channels reordered so that every group of M holds a mix
+of important and unimportant ones; the weights stay in place, only the mask changes.
 """
 from __future__ import annotations
 
@@ -14,16 +16,22 @@ import torch
 
 from ..core.sparsity import select_mask
 from .base import MaskOptions, Method
+from .permute import permuted_nm_mask
+
+PERMUTE_ONLY_NM = "pruning.ria_permute permutes input channels for N:M sparsity only (e.g. 2:4)"
 
 
 @dataclass(frozen=True)
 class RIAOptions(MaskOptions):
     ria_alpha: float = 0.5  # the exponent ``a`` of the input norm
+    ria_permute: bool = False  # N:M only: choose the mask on channel-permuted scores
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (isinstance(self.ria_alpha, (int, float)) and self.ria_alpha >= 0):
             raise ValueError(f"pruning.ria_alpha must be a number >= 0, got {self.ria_alpha!r}")
+        if not isinstance(self.ria_permute, bool):
+            raise ValueError(f"pruning.ria_permute must be true or false, got {self.ria_permute!r}")
 
 
 def ria_score(weight: torch.Tensor, scaler_row: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -37,7 +45,12 @@ def ria_score(weight: torch.Tensor, scaler_row: torch.Tensor, alpha: float = 0.5
 def ria(weight, stats, spec, options: RIAOptions):
     if stats is None:
         raise ValueError("ria needs calibration statistics")
-    return select_mask(ria_score(weight, stats.scaler_row, options.ria_alpha), spec, options.granularity or "layer"), None
+    score, granularity = ria_score(weight, stats.scaler_row, options.ria_alpha), options.granularity or "layer"
+    if not options.ria_permute:
+        return select_mask(score, spec, granularity), None
+    if not spec.structured:  # a plan may give layers other specs than the callback's: checked per layer
+        raise ValueError(f"{PERMUTE_ONLY_NM}, got sparsity_type={spec.type!r}")
+    return permuted_nm_mask(score, spec, granularity)[0], None
 
 
 METHOD = Method("ria", ria, RIAOptions, default_granularity="layer")
