@@ -233,3 +233,32 @@ def test_the_steps_beyond_the_paper_offload_alike(tiny_dirs, tmp_path, method, k
     written = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     for key, value in resident.model.state_dict().items():
         assert torch.equal(value, written[key]), key
+
+
+def test_disk_output_reloads_with_the_reported_perplexity(tiny_dirs, text_file, tmp_path):
+    import json
+
+    import lightning as L
+
+    from conftest import run_cli
+    from wanda_pl.data.text_module import TextDataModule
+
+    out = tmp_path / "out"
+    error, _ = run_cli(["prune", "--model.name_or_path", str(tiny_dirs["gemma2"]), "--model.offload", "disk",
+                        "--data.calibration", str(text_file), "--data.evaluation", str(text_file),
+                        "--data.nsamples", "4", "--data.seqlen", "32", "--data.max_eval_windows", "3",
+                        "--pruning.method", "sparsegpt", "--trainer.accelerator", "cpu", "--output_dir", str(out)])
+    assert error is None, error
+    report = json.loads((out / "report.json").read_text())
+    assert report["offload"] == "disk" and report["calibration_samples_per_rank"] == [4]
+    files = {p.name for p in (out / "model").iterdir()}
+    assert {"model.safetensors.index.json", "config.json", "README.md"} <= files  # kept without --save_model
+    assert not (tmp_path / ".out.wanda_pl-resume").exists()
+    module = CausalLM(str(out / "model"))  # a plain from_pretrained of what was written block by block
+    dm = TextDataModule(str(text_file), str(text_file), nsamples=4, seqlen=32, seed=0, max_eval_windows=3)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=dm, verbose=False)
+    assert module.validation_metrics()["ppl"] == pytest.approx(report["ppl"], rel=1e-6)
+    sparsity = [float((m.weight == 0).float().mean()) for m in module.all_targets().values()]
+    assert report["actual_sparsity"] == pytest.approx(sum(sparsity) / len(sparsity), abs=1e-3)
