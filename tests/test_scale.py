@@ -262,3 +262,11 @@ def test_disk_output_reloads_with_the_reported_perplexity(tiny_dirs, text_file, 
     assert module.validation_metrics()["ppl"] == pytest.approx(report["ppl"], rel=1e-6)
     sparsity = [float((m.weight == 0).float().mean()) for m in module.all_targets().values()]
     assert report["actual_sparsity"] == pytest.approx(sum(sparsity) / len(sparsity), abs=1e-3)
+    # the masks, one file per block (never all in memory while pruning), read back as one set
+    from wanda_pl.training.masks import load_masks
+
+    assert len(list((out / "masks").glob("masks-*-of-00002.pt"))) == 2
+    masks = load_masks(out, {n: m.weight for n, m in module.all_targets().items()})
+    assert set(masks) == set(module.all_targets())
+    for name, m in module.all_targets().items():
+        assert torch.equal(masks[name], m.weight == 0), name  # SparseGPT's pruned weights are exactly its zeros

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -24,7 +23,7 @@ from ..core.plan import uniform
 from ..core.sparsity import SparsitySpec
 from ..methods import check_knobs, get_method, ria
 from ..methods.compose import compose
-from ..training.masks import check_strategy, masks_from, with_zeros
+from ..training.masks import check_strategy, mask_files, masks_from, with_zeros
 from ..training.sharding import is_dtensor, is_sharded, local, local_mask, overall_sparsity
 from .calibration import Calibration
 from .lookup import find_callback
@@ -110,8 +109,7 @@ class Pruning(Callback):
         self.allocation = Allocation(allocation, owl_m, owl_lambda, profile)
         self.allocation.check(self.spec)
         if masks_from is not None and masks_from != "zeros":
-            path = Path(masks_from)
-            if not (path / "masks.pt" if path.is_dir() else path).is_file():
+            if not mask_files(masks_from):
                 raise ValueError(f"pruning.masks_from must be 'zeros' or a mask file (or a folder holding masks.pt); "
                                  f"{masks_from!r} is neither")
         self.enabled = enabled
@@ -180,6 +178,7 @@ class Pruning(Callback):
             blocks, inputs, pl_module.block_targets, self.method, plan, self.options,
             bias_correction=self.bias_correction, propagate=calib.propagate, store_device=store,
             progress=trainer.is_global_zero, placement=placement, start=start, on_block=ckpt.save,
+            keep_masks=getattr(ckpt, "keep_masks", True),
         )
         merge_resumed(done, result, start)
         result.samples_per_rank = shares

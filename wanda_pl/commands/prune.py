@@ -22,7 +22,7 @@ from ..core.distributed import share
 from ..core.plan import describe as describe_plan
 from ..eval.zero_shot import format_table
 from ..modules.protocol import require
-from ..training.masks import MASKS_FILE, save_masks
+from ..training.masks import MASKS_DIR, MASKS_FILE, save_masks
 from .card import write_card
 from .common import Evaluation, environment, evaluate, lightning_writes, staged_output
 from .loggers import log_run
@@ -121,13 +121,14 @@ def prune(
             if trainer.is_global_zero:
                 if pruning.needs_activations:
                     torch.save(datamodule.calibration_data(), stage / "calibration_ids.pt")
-                if save_model:
-                    if disk is not None:
-                        os.replace(ckpt.folder / "model", stage / "model")  # written block by block while pruning
-                    else:
-                        model.save(stage / "model")
-                    write_card(stage / "model", report, Path(output_dir) / "model")
+                if save_model and disk is not None:  # written block by block while pruning; masks one file a block
+                    os.replace(ckpt.folder / "model", stage / "model")
+                    ckpt.write_masks(stage / MASKS_DIR, len(disk.blocks))  # fit --pruning.masks_from output_dir
+                elif save_model:
+                    model.save(stage / "model")
                     save_masks(pruning.masks, stage / MASKS_FILE)  # fit --pruning.masks_from output_dir/masks.pt
+                if save_model:
+                    write_card(stage / "model", report, Path(output_dir) / "model")
                 write_json(stage / "report.json", report)
                 layers_png(stage / "layers.png", layers, report["layers_planned"],
                            f"{report['model']}: {method_label(report)} {report['sparsity_type']} {report['sparsity_ratio']:g}")

@@ -65,6 +65,7 @@ class BlockCheckpoints:
         self.folder, self.settings, self.resume = Path(folder), settings, resume
         self.rank, self.world, self.reuse_written = rank, world, reuse_written
         self.save_weights = reuse_written is None
+        self.keep_masks = reuse_written is None  # offload disk: masks stay in the per-block files
 
     # --- before any work ---
     def check(self) -> None:
@@ -151,7 +152,8 @@ class BlockCheckpoints:
             else:
                 self.reuse_written(name)
             saved = torch.load(self.folder / f"masks-{k:05d}.pt", weights_only=False)
-            done.masks.update(saved["masks"])
+            if self.keep_masks:
+                done.masks.update(saved["masks"])
             done.plan.update(saved["plan"])
         hidden = torch.load(self.folder / f"inputs-{start - 1:05d}.rank{self.rank}.pt", weights_only=True)
         if len(hidden) != len(inputs):
@@ -162,6 +164,14 @@ class BlockCheckpoints:
         print(f"resuming after block {start - 1} ({blocks[start - 1][0]}): {start} of {len(blocks)} blocks restored "
               f"from {self.folder}", flush=True)
         return start, done
+
+    def write_masks(self, folder, n_blocks: int) -> None:
+        """Every block's masks as one file per block in ``folder`` (``load_masks`` reads them as one set)."""
+        from ..training.masks import save_mask_shard
+
+        for k in range(n_blocks):
+            saved = torch.load(self.folder / f"masks-{k:05d}.pt", weights_only=False)
+            save_mask_shard(saved["masks"], folder, k, n_blocks)
 
     def save(self, index: int, name: str, block: nn.Module, inputs: List[BlockInput], result: PruneResult) -> None:
         names = [n for n in result.masks if n.startswith(name + ".")]

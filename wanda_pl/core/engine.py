@@ -144,13 +144,16 @@ def prune_sequential(
     placement: Optional[Resident] = None,
     start: int = 0,
     on_block: Optional[OnBlock] = None,
+    keep_masks: bool = True,
 ) -> PruneResult:
     """Prune ``blocks`` in order; ``inputs`` are the captured inputs of the first block; ``plan``
     gives each layer its sparsity (one spec: all of them); ``options`` are the method's.
 
     ``placement`` brings each block's weights in for its turn (offload); ``start`` skips the blocks
     before it (a resumed run: ``inputs`` are then those entering block ``start``); ``on_block(i,
-    name, block, inputs, result)`` runs after each block is final and given back (checkpoints). Under
+    name, block, inputs, result)`` runs after each block is final and given back (checkpoints);
+    without ``keep_masks`` a block's masks are dropped after it (the checkpoints hold them: a model
+    offloaded to disk must not hold a byte per weight of its whole depth). Under
     ``torch.distributed`` each rank passes its share of the samples: statistics are summed over
     the ranks before any mask is chosen, and the masks checked equal on every rank."""
     result = PruneResult()
@@ -176,6 +179,9 @@ def prune_sequential(
         placement.leave(name, block, pruned=True)  # first: an offloaded block is written out here
         if on_block is not None:
             on_block(index, name, block, inputs, result)
+        if not keep_masks:
+            for n in targets:
+                del result.masks[n]
         bar.set_postfix_str(name)
     return result
 

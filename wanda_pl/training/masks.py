@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import List, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -24,21 +24,47 @@ def save_masks(masks: Mapping[str, torch.Tensor], path) -> None:
     torch.save({k: v.detach().cpu().bool() for k, v in masks.items()}, path)
 
 
-def load_masks(path, weights: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-    """Masks saved by ``prune --save_model true`` or :func:`save_adapter` (a file, or a folder holding
-    ``masks.pt``), checked against ``weights`` (name -> weight) when given."""
+MASKS_DIR = "masks"  # offload disk: one file per block (the whole set never in memory while pruning)
+
+
+def mask_files(path) -> List[Path]:
+    """The mask file(s) ``path`` names: a file, a folder holding ``masks.pt``, or a folder of per-block
+    ``masks-*.pt`` shards (or holding ``masks/`` with them); empty when it names none."""
     path = Path(path)
-    if path.is_dir():
-        path = path / MASKS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no mask file at {str(path)!r}")
+    if path.is_file():
+        return [path]
+    if (path / MASKS_FILE).is_file():
+        return [path / MASKS_FILE]
+    folder = path / MASKS_DIR if (path / MASKS_DIR).is_dir() else path
+    return sorted(folder.glob("masks-*.pt")) if folder.is_dir() else []
+
+
+def save_mask_shard(masks: Mapping[str, torch.Tensor], folder, k: int, n: int) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_masks(masks, Path(folder) / f"masks-{k + 1:05d}-of-{n:05d}.pt")
+
+
+def _load_one(path: Path) -> Dict[str, torch.Tensor]:
     try:
-        masks = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated or not torch's: torch's messages omit the file
         raise UserError(f"{str(path)!r} is not a mask file torch can load ({type(err).__name__}: "
                         f"{(str(err).splitlines() or [''])[0][:200]})") from None
-    if not isinstance(masks, dict) or not masks or not all(isinstance(v, torch.Tensor) for v in masks.values()):
-        raise UserError(f"{str(path)!r} is not a mask file (a non-empty dict of layer name -> bool tensor)")
+
+
+def load_masks(path, weights: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Masks saved by ``prune --save_model true`` or :func:`save_adapter` (a file, a folder holding
+    ``masks.pt``, or per-block shards), checked against ``weights`` (name -> weight) when given."""
+    files = mask_files(path)
+    if not files:
+        raise FileNotFoundError(f"no mask file at {str(path)!r} (masks.pt, or a folder of masks-*.pt)")
+    masks: Dict[str, torch.Tensor] = {}
+    for f in files:
+        part = _load_one(f)
+        if not isinstance(part, dict) or not part or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise UserError(f"{str(f)!r} is not a mask file (a non-empty dict of layer name -> bool tensor)")
+        masks.update(part)
+    path = files[0] if len(files) == 1 else Path(path)
     not_bool = [n for n, m in masks.items() if m.dtype != torch.bool]
     if not_bool:  # a 0/1 float mask may mean "keep" where ours means "pruned": no guessing
         raise UserError(f"mask {not_bool[0]!r} in {str(path)!r} is {masks[not_bool[0]].dtype}; masks are bool "
