@@ -270,3 +270,13 @@ def test_disk_output_reloads_with_the_reported_perplexity(tiny_dirs, text_file, 
     assert set(masks) == set(module.all_targets())
     for name, m in module.all_targets().items():
         assert torch.equal(masks[name], m.weight == 0), name  # SparseGPT's pruned weights are exactly its zeros
+
+
+def test_a_sweep_refuses_an_offloaded_model(tiny_dirs, text_file, tmp_path):
+    from conftest import run_cli
+
+    error, _ = run_cli(["sweep", "--model.name_or_path", str(tiny_dirs["llama"]), "--model.offload", "cpu",
+                        "--data.calibration", str(text_file), "--data.evaluation", str(text_file),
+                        "--data.nsamples", "2", "--data.seqlen", "16", "--output_dir", str(tmp_path / "sweep")])
+    assert error is not None and "sweep keeps the dense weights in memory" in error, error
+    assert not (tmp_path / "sweep").exists()

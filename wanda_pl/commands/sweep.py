@@ -28,6 +28,7 @@ from ..methods.compose import REFINES, UPDATES
 from ..modules.protocol import require
 from .common import Evaluation, evaluate, lightning_writes
 from .lock import output_lock
+from ..errors import UserError
 from .outputs import MARKER, check_output_dir, claim, owned_entries, remove_leftovers, run_inputs
 from .prune import prune
 from .report import write_json
@@ -151,6 +152,9 @@ def sweep(trainer, model, datamodule, grid: Optional[Grid] = None, output_dir: s
           save_model: bool = False, config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Prune at every point of ``grid`` (see the module docstring); returns the summary (``sweep.json``)."""
     model = require(model)
+    if getattr(model.hparams, "offload", "none") != "none":  # each point starts from the dense weights, kept in memory
+        raise UserError("sweep keeps the dense weights in memory to start every point from them, which "
+                        "model.offload exists to avoid: run one prune per point with model.offload (and --resume)")
     base = find_callback(trainer, Pruning, needed_for="the sweep command")
     zero_shot = find_callback(trainer, ZeroShot)
     grid = grid or Grid()

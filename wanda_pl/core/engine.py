@@ -11,6 +11,12 @@ Each layer gets the sparsity its plan says (:mod:`wanda_pl.core.plan`; one spec 
 the method's own options. With ``bias_correction`` every method (magnitude too) calibrates, sees
 statistics about the input mean, and each layer's lost mean output is put back
 (:mod:`wanda_pl.core.correction`).
+
+Scale: a placement (:mod:`wanda_pl.core.onload`) brings each block's weights in just before its
+turn and takes them back after it, so the model need not fit the device (or host memory); under
+``torch.distributed`` each rank runs its share of the samples and the statistics are summed
+(:mod:`wanda_pl.core.distributed`) before any mask is chosen; each finished block is handed to
+the checkpoints, and a resumed run starts at the first block not finished.
 """
 from __future__ import annotations
 
