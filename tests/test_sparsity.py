@@ -343,3 +343,24 @@ def test_low_level_functions_match_the_slow_ones(kind):
         assert torch.equal(row_mask(s, ratio), slow_row_mask(s, ratio))
         assert torch.equal(layer_mask(s, ratio), slow_layer_mask(s, ratio))
         assert int(layer_mask(s, ratio).sum()) == int(20 * 48 * ratio)  # exactly, not about
+
+
+def test_lowest_is_a_stable_sort_prefix():
+    """``lowest`` picks by the k-th value and a count, not a sort: the same entries as the first k of
+    a stable sort, ties at the k-th value taken in position order, NaN (sorted last) included."""
+    from wanda_pl.core.sparsity import lowest
+
+    def by_sort(score, k):
+        mask = torch.zeros(score.numel(), dtype=torch.bool)
+        mask[torch.sort(score.flatten(), stable=True).indices[:k]] = True
+        return mask.view(score.shape)
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        shape = tuple(int(v) for v in torch.randint(1, 20, (2,), generator=g))
+        score = torch.randint(0, 4, shape, generator=g).float() if trial % 2 else torch.rand(shape, generator=g)
+        if trial % 7 == 0:
+            score.view(-1)[0] = float("nan")
+        for k in {0, 1, score.numel() // 3, score.numel() - 1, score.numel()}:
+            got = lowest(score, k)
+            assert int(got.sum()) == k and torch.equal(got, by_sort(score, k)), (trial, k)
