@@ -63,7 +63,10 @@ def test_data_parallel_calibration_matches_one_process(tiny_dirs, text_file, tmp
     assert one["ppl_dense"] == pytest.approx(two["ppl_dense"], rel=1e-5)
     assert one["ppl"] == pytest.approx(two["ppl"], rel=1e-3)
     assert one["ppl"] != one["ppl_dense"]
-    assert one["actual_sparsity"] == pytest.approx(0.5, abs=1e-3) and two["actual_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    # OWL's per-block ratios are rounded per row on this tiny model: its mean is near, not at, 0.5
+    target = pytest.approx(0.5, abs=0.01 if "+" in method else 1e-3)
+    assert one["actual_sparsity"] == target and two["actual_sparsity"] == target
+    assert one["actual_sparsity"] == pytest.approx(two["actual_sparsity"], abs=1e-3)
     assert torch.equal(torch.load(tmp_path / "one" / "calibration_ids.pt", weights_only=True),
                        torch.load(tmp_path / "two" / "calibration_ids.pt", weights_only=True))
     m1 = torch.load(tmp_path / "one" / "masks.pt", weights_only=True)

@@ -8,8 +8,6 @@ measured on what was written. Host memory is one block plus the activation buffe
 depth of the model."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -19,10 +17,7 @@ import torch.nn as nn
 from ..assets.resolve import resolve_model
 from ..core.onload import Resident
 from .hf_causal import DTYPES, named_blocks, non_block_modules
-from .hf_offload import checkpoint_index, empty_causal_lm, load_into, state_of, unload
-
-INDEX = "model.safetensors.index.json"
-
+from .hf_offload import ShardWriter, checkpoint_index, empty_causal_lm, load_into, state_of, unload
 
 def _big_allocations_mapped() -> None:
     """Have glibc serve every allocation of 1 MiB or more by its own mmap, returned to the system when
@@ -53,10 +48,6 @@ def _download(repo_id: str) -> str:
         raise hub_error("model", repo_id, err, EMBEDDED_MODELS) from err
 
 
-def shard_name(k: int, n: int) -> str:
-    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-
-
 class DiskModel:
     """The meta-device model, its tokenizer and where each of its tensors is read from."""
 
@@ -77,6 +68,7 @@ class DiskModel:
         self.stem = non_block_modules(self.model)
         load_into(self.model, self.stem, self.index, "cpu", self.dtype)
         self.out: Optional[Path] = None  # where pruned blocks go (set by the command)
+        self.writer: Optional[ShardWriter] = None
 
     @property
     def n_shards(self) -> int:
@@ -86,10 +78,11 @@ class DiskModel:
         """Pruned blocks are written into ``folder`` (created), as shards of the final checkpoint."""
         self.out = Path(folder)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.writer = ShardWriter(self.out, self.n_shards)
 
     def reuse_written(self, block: str) -> None:
         """Read ``block`` from the shard an interrupted run wrote for it (a resumed run)."""
-        self._point_at(block, self.out / shard_name(self.blocks.index(block), self.n_shards))
+        self._point_at(block, self.writer.adopt(self.blocks.index(block)))
 
     def _point_at(self, block: str, shard: Path) -> None:
         from safetensors import safe_open
@@ -124,58 +117,21 @@ class DiskModel:
         return sum(z for z, _ in counts) / max(sum(size for _, size in counts), 1)
 
     def write_block(self, name: str) -> Path:
-        """Write the pruned block ``name`` as its shard, atomically, and read it from there from now on."""
-        from safetensors.torch import save_file
-
+        """Write the pruned block ``name`` as its shard and read it from there from now on."""
         if self.out is None:
             raise RuntimeError("model.offload disk: the output folder for pruned blocks was never set")
-        k = self.blocks.index(name)
-        shard = self.out / shard_name(k, self.n_shards)
-        tensors = {key: t.detach().to("cpu").contiguous() for key, t in state_of(self.model, name).items()}
-        tmp = shard.with_name(f".{shard.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, shard)
+        shard = self.writer.add(state_of(self.model, name), self.blocks.index(name))
         self._point_at(name, shard)
         return shard
 
     def finish(self) -> None:
         """The rest (embeddings, norm, head) as the last shard, the index, config and tokenizer: a folder
         ``from_pretrained`` loads."""
-        from safetensors.torch import save_file
-
         rest = {}
         for name in self.stem:
             rest.update(state_of(self.model, name))
-        shard = self.out / shard_name(len(self.blocks), self.n_shards)
-        save_file({k: t.detach().to("cpu").contiguous() for k, t in rest.items()}, str(shard), metadata={"format": "pt"})
-        weight_map, total = {}, 0
-        from safetensors import safe_open
-
-        for k in range(self.n_shards):
-            part = self.out / shard_name(k, self.n_shards)
-            if not part.is_file():
-                raise RuntimeError(f"model.offload disk: shard {part.name} is missing: a block was never written")
-            with safe_open(str(part), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    weight_map[key] = part.name
-                    sl = f.get_slice(key)
-                    total += _nbytes(sl.get_shape(), sl.get_dtype())
-        (self.out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2, sort_keys=True) + "\n")
-        self.model.config.save_pretrained(self.out)
-        if getattr(self.model, "generation_config", None) is not None:
-            self.model.generation_config.save_pretrained(self.out)
-        self.tokenizer.save_pretrained(self.out)
-
-
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def _nbytes(shape, dtype: str) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * _BYTES.get(dtype, 4)
+        self.writer.add(rest, len(self.blocks))
+        self.writer.finish(self.model.config, self.tokenizer, getattr(self.model, "generation_config", None))
 
 
 class DiskPlacement(Resident):
