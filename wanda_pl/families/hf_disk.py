@@ -82,15 +82,11 @@ class DiskModel:
 
     def reuse_written(self, block: str) -> None:
         """Read ``block`` from the shard an interrupted run wrote for it (a resumed run)."""
-        self._point_at(block, self.writer.adopt(self.blocks.index(block)))
+        self._point_at(self.writer.adopt(self.blocks.index(block)))
 
-    def _point_at(self, block: str, shard: Path) -> None:
-        from safetensors import safe_open
-
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                self.index[key] = shard
-        self.index = dict(self.index)
+    def _point_at(self, shard: Path) -> None:
+        """Read the tensors of ``shard`` from there from now on (the writer knows which they are)."""
+        self.index.update({key: shard for key, name in self.writer.weight_map.items() if name == shard.name})
 
     def placement(self, device) -> "DiskPlacement":
         for name in self.stem:
@@ -121,7 +117,7 @@ class DiskModel:
         if self.out is None:
             raise RuntimeError("model.offload disk: the output folder for pruned blocks was never set")
         shard = self.writer.add(state_of(self.model, name), self.blocks.index(name))
-        self._point_at(name, shard)
+        self._point_at(shard)
         return shard
 
     def finish(self) -> None:
