@@ -50,16 +50,17 @@ class Runner:
         return report
 
 
-def run_sweep(module, datamodule, grids, out=None):
+def run_sweep(module, datamodule, grids, out=None, **pruning):
     """The ``sweep`` command on a loaded module, one grid after another into one folder: returns
-    (dense metrics, dense seconds, rows). ``out``: keep the folder (its sweep.csv, plots, reports)."""
+    (dense metrics, dense seconds, rows). ``out``: keep the folder (its sweep.csv, plots, reports);
+    ``pruning``: options of every point's Pruning callback (``ria_permute=True``)."""
     from wanda_pl.commands.sweep import sweep
 
     rows, dense = [], None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out or Path(tmp) / "sweep")
         for grid in grids:
-            summary = sweep(trainer([Calibration(), Pruning()]), module, datamodule, grid, str(folder))
+            summary = sweep(trainer([Calibration(), Pruning(**pruning)]), module, datamodule, grid, str(folder))
             rows += [r for r in summary["rows"] if r["point"] not in {x["point"] for x in rows}]
             dense = json.loads((folder / "dense.json").read_text())
     return dense["metrics"], dense["seconds"], rows

@@ -5,6 +5,9 @@ embedded SmolLM2-135M and held-out Wikipedia text: the shape of the paper's Tabl
     python benchmarks/llm_prune.py --ablations           # + sparsegpt and the four OBS ablations
     python benchmarks/llm_prune.py --types unstructured --ratios 0.5 0.6 0.7 --allocations uniform owl
                                                          # OWL's allocation against uniform
+    python benchmarks/llm_prune.py --nsamples 32 --seqlen 512 --methods sparsegpt admm wanda+admm wanda+dsnot ria \
+        --ratios 0.5 0.6 0.7 --ria-permute --reference sparsegpt --name llm_prune_beyond_32
+                                                         # the beyond-the-paper steps, as ratios to SparseGPT
 """
 from __future__ import annotations
 
@@ -32,6 +35,11 @@ def main() -> None:
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.5], help="unstructured sparsity ratios")
     ap.add_argument("--allocations", nargs="+", default=["uniform"], help="uniform | owl (unstructured rows)")
     ap.add_argument("--ablations", action="store_true", help="add sparsegpt and the four OBS-update ablations at 50%%")
+    ap.add_argument("--ria-permute", action="store_true",
+                    help="add RIA with its channel permutation (--pruning.ria_permute) at the N:M types")
+    ap.add_argument("--reference", metavar="METHOD",
+                    help="add columns: perplexity and pruning wall time as ratios to this method's at the same point")
+    ap.add_argument("--name", help="results file name (default from the options)")
     ap.add_argument("--keep", metavar="DIR", help="keep the sweep folder (sweep.csv, ppl_vs_sparsity.png, reports)")
     ap.add_argument("--plan", nargs="+", metavar="METHOD/TYPE",
                     help="exactly these rows instead (e.g. wanda/2:4 ablate_mag_seq/unstructured): to fill in a table")
@@ -54,20 +62,43 @@ def main() -> None:
         grids = [Grid([m for m, t in plan if t == stype], [0.5], [stype], ["uniform"])
                  for stype in dict.fromkeys(t for _, t in plan)]
     dense_metrics, dense_s, points = run_sweep(module, dm, grids, args.keep)
+    nm = [t for t in args.types if t != "unstructured"]
+    if args.ria_permute and nm:
+        # Its own folder: the sweep names a point by method and type, and this is `ria` again.
+        keep = args.keep and f"{args.keep}_ria_permute"
+        _, _, permuted = run_sweep(module, dm, [Grid(["ria"], [0.5], nm, ["uniform"])], keep, ria_permute=True)
+        points += [{**r, "method": "ria+permute"} for r in permuted]
     dense = dense_metrics["ppl"]
-    rows = [f"| dense | - | - | - | {dense:.2f} | 0.0000 | - | - | {dense_s:.1f} |"]
+    ref = {_where(r): r for r in points if r["method"] == args.reference}
+    rows = [f"| dense | - | - | - | {dense:.2f} | 0.0000 | - | - | {dense_s:.1f} |" + (" - | - |" if ref else "")]
     for r in points:
         rows.append(f"| {r['method']} | {r['allocation']} | {r['sparsity_type']} | {r['sparsity_ratio']:g} | "
                     f"{r['ppl']:.2f} | {r['actual_sparsity']:.4f} | "
                     f"{r['time_prune_s']:.2f} | {r['time_calibration_s']:.1f} | {r['time_total_s']:.1f} |")
+        if args.reference:
+            base = ref.get(_where(r))
+            rows[-1] += (f" {r['ppl'] / base['ppl']:.3f} | {_wall(r) / _wall(base):.2f} |" if base else " - | - |")
         print(rows[-1], flush=True)
     report = {**dm.describe(), **module.describe()}
     header = ("| method | allocation | sparsity | ratio | perplexity | actual sparsity | mask+update time (s) | "
               "calibration forward (s) | total (s) |")
-    name = "llm_prune_plan" if args.plan else "llm_prune_ablations" if args.ablations else \
-        "llm_prune_allocation" if args.allocations != ["uniform"] else "llm_prune"
+    if args.reference:
+        header += f" ppl / {args.reference} | wall / {args.reference} |"
+    name = args.name or ("llm_prune_plan" if args.plan else "llm_prune_ablations" if args.ablations else
+                         "llm_prune_allocation" if args.allocations != ["uniform"] else "llm_prune")
     write_table(name, header, rows,
-                settings_of(report, ratios=args.ratios, allocations=args.allocations, dense_ppl=dense))
+                settings_of(report, methods=methods, types=args.types, ratios=args.ratios,
+                            allocations=args.allocations, ria_permute=args.ria_permute, dense_ppl=dense,
+                            wall="calibration forward + mask and update seconds, evaluation left out"))
+
+
+def _where(row) -> tuple:
+    return row["sparsity_type"], row["sparsity_ratio"], row.get("allocation")
+
+
+def _wall(row) -> float:
+    """Pruning wall time: the calibration forwards plus masks and updates (evaluation left out)."""
+    return row["time_calibration_s"] + row["time_prune_s"]
 
 
 if __name__ == "__main__":

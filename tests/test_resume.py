@@ -70,12 +70,20 @@ def assert_same_output(a: Path, b: Path):
         assert torch.equal(wa[k], wb[k]), k
     ra, rb = json.loads((a / "report.json").read_text()), json.loads((b / "report.json").read_text())
     assert ra["ppl"] == rb["ppl"] and ra["layers"] == rb["layers"]
+    assert (a / "permutations.pt").exists() == (b / "permutations.pt").exists()
+    if (a / "permutations.pt").exists():  # the resumed blocks' permutations come back from the checkpoints
+        pa, pb = (torch.load(f / "permutations.pt", weights_only=True) for f in (a, b))
+        assert list(pa) == list(pb) == list(ma)
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,offload", [("sparsegpt", "none"), ("wanda", "disk")])
-def test_sigkill_after_block_1_resumes_bit_identical(deep_llama, text_file, tmp_path, method, offload):
-    args = ("--pruning.method", method, "--model.offload", offload)
+@pytest.mark.parametrize("method,offload,extra", [
+    ("sparsegpt", "none", ()), ("wanda", "disk", ()),
+    ("ria", "none", ("--pruning.sparsity_type", "2:4", "--pruning.ria_permute", "true")),  # + permutations.pt
+])
+def test_sigkill_after_block_1_resumes_bit_identical(deep_llama, text_file, tmp_path, method, offload, extra):
+    args = ("--pruning.method", method, "--model.offload", offload, *extra)
     whole = tmp_path / "whole"
     run(deep_llama, text_file, whole, *args)
     out = tmp_path / "runs" / "out"

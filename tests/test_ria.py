@@ -16,6 +16,7 @@ from wanda_pl.methods import get_method
 from wanda_pl.methods.permute import kept_score, nm_permutation, permuted_nm_mask
 from wanda_pl.methods.ria import RIAOptions, ria_score
 from wanda_pl.modules.causal_lm import CausalLM
+from wanda_pl.training.masks import load_masks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -149,9 +150,13 @@ def test_method_uses_the_permutation_only_when_asked():
     method, spec = get_method("ria"), SparsitySpec.parse("2:4")
     score = ria_score(W, st.scaler_row)
     plain = method(W, st, spec, method.make_options(ria_permute=False))[0]
-    permuted, new_w = method(W, st, spec, method.make_options(ria_permute=True))
+    assert len(method(W, st, spec, method.make_options(ria_permute=False))) == 2  # no permutation to keep
+    permuted, new_w, perm = method(W, st, spec, method.make_options(ria_permute=True))
     assert new_w is None and torch.equal(plain, select_mask(score, spec, "layer"))
-    assert torch.equal(permuted, permuted_nm_mask(score, spec, "layer")[0])
+    expected_mask, expected_perm = permuted_nm_mask(score, spec, "layer")
+    assert torch.equal(permuted, expected_mask) and torch.equal(perm, expected_perm)
+    assert torch.equal(perm.sort().values, torch.arange(32)) and not torch.equal(perm, torch.arange(32))
+    assert (permuted[:, perm].reshape(8, 8, 4).sum(-1) == 2).all()
     assert float(score[~permuted].sum()) >= float(score[~plain].sum())
     with pytest.raises(ValueError, match="pruning.ria_permute .* N:M"):
         method(W, st, SparsitySpec(0.5), method.make_options(ria_permute=True))
@@ -211,8 +216,30 @@ def test_cli_takes_the_permutation_for_n_to_m(tiny_dirs, text_file, tmp_path):
                         "--data.evaluation", str(text_file), "--data.nsamples", "4", "--data.seqlen", "32",
                         "--data.max_eval_windows", "2", "--trainer.enable_progress_bar", "false",
                         "--pruning.method", "ria", "--pruning.sparsity_type", "2:4", "--pruning.ria_permute", "true",
-                        "--output_dir", str(out)])
+                        "--save_model", "true", "--output_dir", str(out)])
     assert error is None, error
     report = json.loads((out / "report.json").read_text())
     assert report["method_options"]["ria_permute"] is True and report["sparsity_type"] == "2:4"
     assert report["actual_sparsity"] == 0.5
+    # The order under which each mask is 2:4 comes with the run (a 2:4 kernel needs it), for every layer.
+    assert report["permutations"] == "permutations.pt"
+    perms = torch.load(out / "permutations.pt", weights_only=True)
+    masks = load_masks(out / "masks.pt")
+    assert set(perms) == set(masks) and masks
+    moved = 0
+    for name, mask in masks.items():
+        perm = perms[name]
+        assert torch.equal(perm.sort().values, torch.arange(mask.shape[1])), name
+        groups = mask[:, perm].reshape(mask.shape[0], -1, 4)
+        assert (groups.sum(-1) == 2).all(), name
+        moved += not torch.equal(perm, torch.arange(mask.shape[1]))
+    assert moved > 0
+    # Without the permutation there is none to write.
+    plain = tmp_path / "ria24_plain"
+    error, _ = run_cli(["prune", "--model.name_or_path", str(tiny_dirs["llama"]), "--data.calibration", str(text_file),
+                        "--data.evaluation", str(text_file), "--data.nsamples", "4", "--data.seqlen", "32",
+                        "--data.max_eval_windows", "2", "--trainer.enable_progress_bar", "false",
+                        "--pruning.method", "ria", "--pruning.sparsity_type", "2:4", "--output_dir", str(plain)])
+    assert error is None, error
+    assert not (plain / "permutations.pt").exists()
+    assert "permutations" not in json.loads((plain / "report.json").read_text())

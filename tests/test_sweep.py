@@ -296,3 +296,27 @@ def test_classifier_sweep_plots_top1_and_agreement(image_root, tmp_path):
     for name in ("top1_vs_sparsity.png", "agreement_vs_sparsity.png"):
         assert _png(tmp_path / "s" / name)[0] == (800, 500)
     assert not (tmp_path / "s" / "ppl_vs_sparsity.png").exists()
+
+
+def test_sweep_leaves_the_module_dense(tiny_dirs, text_file, tmp_path):
+    """Called on a loaded module (as the benchmarks do), a second sweep must start from the dense
+    weights again, not from the first sweep's last point."""
+    import lightning as L
+    import torch
+
+    from wanda_pl.callbacks import Calibration, Pruning
+    from wanda_pl.data.text_module import TextDataModule
+    from wanda_pl.modules.causal_lm import CausalLM
+
+    module = CausalLM(str(tiny_dirs["llama"]))
+    dm = TextDataModule(str(text_file), str(text_file), NSAMPLES, SEQLEN, 0, WINDOWS)
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Calibration(), Pruning()])
+    summary = sweep_command.sweep(trainer, module, dm, sweep_command.Grid(["wanda"], [0.5], ["unstructured"]),
+                                  str(tmp_path / "sweep"))
+    assert summary["rows"][0]["actual_sparsity"] > 0.4
+    after = module.model.state_dict()
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name

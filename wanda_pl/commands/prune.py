@@ -4,8 +4,9 @@ It runs in every process under DDP (Lightning relaunches the script per rank), s
 happens inside ``trainer.validate`` runs; only rank 0 writes. Outputs, written atomically into
 ``output_dir``: ``report.json``, ``layers.png`` (sparsity per block and layer type, planned and
 actual), ``calibration_ids.pt`` (the exact calibration inputs, for replay), and with ``save_model``
-the pruned model (``model/``, with its model card and report) and its masks (``masks.pt``). The
-numbers go to the trainer's loggers too.
+the pruned model (``model/``, with its model card and report) and its masks (``masks.pt``); with RIA's
+channel permutation, ``permutations.pt`` (layer -> the input-column order under which its mask is N:M,
+what a 2:4 kernel needs). The numbers go to the trainer's loggers too.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from .plots import layers_png
 from .resume import checkpoints_for
 from ..training.sharding import layer_sparsity, overall_sparsity
 from .report import assemble, method_label, sparsity_table, write_json
+
+PERMUTATIONS_FILE = "permutations.pt"
 
 
 def prune(
@@ -105,6 +108,7 @@ def prune(
                 results={"actual_sparsity": disk.overall_sparsity(targets) if disk else overall_sparsity(targets),
                          "calibration_samples_per_rank": outcome.samples_per_rank,
                          **({"resumed_from_block": outcome.resumed_from} if outcome.resumed_from else {}),
+                         **({"permutations": PERMUTATIONS_FILE} if outcome.permutations else {}),
                          **_results(model, dense, pruned)},
                 timing={"time_s": {
                     "calibration": round(outcome.calibration_data_s + outcome.forward_s, 3),
@@ -121,6 +125,8 @@ def prune(
             if trainer.is_global_zero:
                 if pruning.needs_activations:
                     torch.save(datamodule.calibration_data(), stage / "calibration_ids.pt")
+                if outcome.permutations:
+                    torch.save(outcome.permutations, stage / PERMUTATIONS_FILE)
                 if save_model and disk is not None:  # written block by block while pruning; masks one file a block
                     os.replace(ckpt.folder / "model", stage / "model")
                     ckpt.write_masks(stage / MASKS_DIR, len(disk.blocks))  # fit --pruning.masks_from output_dir

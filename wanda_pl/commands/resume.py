@@ -155,6 +155,7 @@ class BlockCheckpoints:
             if self.keep_masks:
                 done.masks.update(saved["masks"])
             done.plan.update(saved["plan"])
+            done.permutations.update(saved.get("permutations", {}))
         hidden = torch.load(self.folder / f"inputs-{start - 1:05d}.rank{self.rank}.pt", weights_only=True)
         if len(hidden) != len(inputs):
             raise UserError(f"--resume: the staging folder holds {len(hidden)} calibration batches for rank "
@@ -181,7 +182,8 @@ class BlockCheckpoints:
 
                 state = {k: t.detach().cpu().contiguous() for k, t in block.state_dict().items()}
                 _atomic(self.folder / f"block-{index:05d}.safetensors", lambda p: save_file(state, str(p)))
-            masks = {"masks": {n: result.masks[n] for n in names}, "plan": {n: result.plan[n] for n in names}}
+            masks = {"masks": {n: result.masks[n] for n in names}, "plan": {n: result.plan[n] for n in names},
+                     "permutations": {n: result.permutations[n] for n in names if n in result.permutations}}
             _atomic(self.folder / f"masks-{index:05d}.pt", lambda p: torch.save(masks, p))
         hidden = [inp.hidden for inp in inputs]
         _atomic(self.folder / f"inputs-{index:05d}.rank{self.rank}.pt", lambda p: torch.save(hidden, p))

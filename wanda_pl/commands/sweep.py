@@ -216,6 +216,9 @@ def _points(trainer, model, datamodule, zero_shot, base, grid, todo, prints, don
             bar.update()
     finally:
         trainer.callbacks[index] = base
+        if dense_state is not None:  # the caller's module as it came: a second sweep on it starts dense again
+            model.model.load_state_dict(dense_state)
+            model.set_masks({})
         bar.close()
     return rows
 

@@ -36,7 +36,7 @@ from .distributed import check_same, sum_stats
 from .hooks import BlockInput, collect_stats
 from .onload import Resident
 from .stats import LayerStats
-from ..methods.base import Method
+from ..methods.base import Method, unpack
 from .plan import Plan, plan_for
 from .sparsity import SparsitySpec
 from .layers import param_mask, weight_matrix
@@ -53,6 +53,8 @@ class PruneResult:
 
     masks: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> bool, shaped like module.weight
     plan: Dict[str, SparsitySpec] = field(default_factory=dict)  # name -> the sparsity it was given
+    # name -> input-column order under which its mask is N:M (RIA's permutation; only layers that have one)
+    permutations: Dict[str, torch.Tensor] = field(default_factory=dict)
     method_s: float = 0.0  # mask + weight-update computation only (how the paper timed methods)
     forward_s: float = 0.0  # calibration forwards (pass 1 and 2)
     calibration_data_s: float = 0.0  # getting the calibration inputs (set by the caller)
@@ -79,6 +81,7 @@ class NoCheckpoints:
 def merge_resumed(done: PruneResult, result: PruneResult, start: int) -> None:
     """``result`` of a run resumed at block ``start`` made whole with the blocks ``done`` before it."""
     result.masks, result.plan = {**done.masks, **result.masks}, {**done.plan, **result.plan}
+    result.permutations = {**done.permutations, **result.permutations}
     result.resumed_from = start
 
 
@@ -121,7 +124,7 @@ def prune_layers(
             old_w = w.detach().float().clone()
             st = st.centered()
         t0 = time.perf_counter()
-        mask, new_w = method(w.detach().float(), st, plan[name], options)
+        mask, new_w, perm = unpack(method(w.detach().float(), st, plan[name], options))
         if w.is_cuda:
             torch.cuda.synchronize(w.device)
         result.method_s += time.perf_counter() - t0
@@ -133,6 +136,8 @@ def prune_layers(
             correction.apply_shift(module, sinks[name], correction.output_shift(old_w, w.detach(), stats[name].mean))
         result.masks[name] = param_mask(module, mask).cpu()
         result.plan[name] = plan[name]
+        if perm is not None:
+            result.permutations[name] = perm.cpu()
 
 
 def prune_sequential(

@@ -46,8 +46,16 @@ class SolverOptions:
             raise ValueError(f"pruning.percdamp must be >= 0, got {self.percdamp}")
 
 
-# (weight (out x in, fp32), stats or None, spec, the method's options) -> (mask, new weight or None)
-PruneFn = Callable[[torch.Tensor, Optional[LayerStats], SparsitySpec, Any], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+# (weight (out x in, fp32), stats or None, spec, the method's options) -> (mask, new weight or None), or
+# (mask, new weight or None, perm) where the mask is N:M only in the input-column order ``perm`` (RIA's
+# channel permutation): a 2:4 kernel needs that order, so the engine keeps it (PruneResult.permutations).
+PruneFn = Callable[[torch.Tensor, Optional[LayerStats], SparsitySpec, Any], Tuple[torch.Tensor, ...]]
+
+
+def unpack(out: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """A method's return value as (mask, new weight or None, input-column permutation or None)."""
+    mask, new, *perm = out
+    return mask, new, perm[0] if perm else None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from .admm import ADMMOptions, admm_update
-from .base import Method
+from .base import Method, unpack
 from .dsnot import DSnoTOptions, dsnot_refine
 
 REFINES = ("none", "dsnot")
@@ -40,14 +40,14 @@ def compose(base: Method, refine: str = "none", update: str = "none") -> Method:
     options = dataclasses.make_dataclass(name, [], bases=tuple(bases), frozen=True)
 
     def composed(weight, stats, spec, opts):
-        mask, new = base.fn(weight, stats, spec, opts)
+        mask, new, perm = unpack(base.fn(weight, stats, spec, opts))
         if stats is None:
             raise ValueError(f"pruning.refine={refine!r} / pruning.update={update!r} need calibration statistics")
         if refine == "dsnot":
             mask = dsnot_refine(weight, stats, spec, mask, opts)
         if update == "admm":
             new = admm_update(weight if new is None else new, stats.xtx, mask, opts)
-        return mask, new
+        return mask, new, perm
 
     return Method(base.name, composed, options, needs_activations=True, needs_hessian=update == "admm",
                   default_granularity=base.default_granularity)

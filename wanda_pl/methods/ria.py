@@ -6,7 +6,8 @@ norm (``sqrt`` of Wanda's ``scaler_row``) to the power ``a`` (0.5 in the paper).
 whole layer by default, as the paper's code does (``granularity: row`` is Wanda's per-row rule).
 With ``ria_permute`` and N:M sparsity, the paper's channel permutation (:mod:`.permute`): the N:M
 mask is chosen on the score with the input channels reordered so that every group of M holds a mix
-of important and unimportant ones; the weights stay in place, only the mask changes.
+of important and unimportant ones; the weights stay in place, only the mask changes. The
+permutation comes back with the mask: the run writes every layer's to ``permutations.pt``.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def ria(weight, stats, spec, options: RIAOptions):
         return select_mask(score, spec, granularity), None
     if not spec.structured:  # a plan may give layers other specs than the callback's: checked per layer
         raise ValueError(f"{PERMUTE_ONLY_NM}, got sparsity_type={spec.type!r}")
-    return permuted_nm_mask(score, spec, granularity)[0], None
+    mask, perm = permuted_nm_mask(score, spec, granularity)
+    return mask, None, perm
 
 
 METHOD = Method("ria", ria, RIAOptions, default_granularity="layer")
