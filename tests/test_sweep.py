@@ -92,6 +92,7 @@ def test_sweep_writes_rows_equal_to_each_points_report(tiny_dirs, text_file, tmp
         assert report["sweep"]["point"] == row["point"]
         assert (out / row["point"] / "layers.png").is_file()
     assert {r["sparsity_type"] for r in rows} == {"unstructured", "2:4"}
+    assert summary["grid"]["types"] == ["unstructured", "2:4"]  # recorded as meant, not as YAML's 124
     assert summary["dense"]["ppl"] == dense
     size, _ = _png(out / "ppl_vs_sparsity.png")
     assert size == (int(METRIC_SIZE[0] * DPI), int(METRIC_SIZE[1] * DPI))

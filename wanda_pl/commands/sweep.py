@@ -59,6 +59,10 @@ class Grid:
     types: Optional[List[Union[str, int]]] = None
     allocations: Optional[List[str]] = None
 
+    def __post_init__(self) -> None:
+        if self.types is not None:  # as the user meant them, in the points and in sweep.json's grid
+            self.types = [_sparsity_type(t) for t in self.types]
+
 
 @dataclass(frozen=True)
 class Point:
@@ -101,7 +105,7 @@ def points(grid: Grid, base: Pruning) -> List[Tuple[Point, Pruning]]:
     args = base.init_args
     methods = grid.methods if grid.methods is not None else [args["method"]]
     ratios = grid.ratios if grid.ratios is not None else [base.spec.ratio]
-    types = [_sparsity_type(t) for t in grid.types] if grid.types is not None else [base.spec.type]
+    types = grid.types if grid.types is not None else [base.spec.type]
     allocations = grid.allocations if grid.allocations is not None else [args["allocation"]]
     for key, values in (("methods", methods), ("types", types), ("allocations", allocations)):
         if not values:
@@ -186,7 +190,7 @@ def sweep(trainer, model, datamodule, grid: Optional[Grid] = None, output_dir: s
 
 def _points(trainer, model, datamodule, zero_shot, base, grid, todo, prints, done, out, save_model, config):
     """Run (or keep) every point in order, rewriting the sweep's files after each; the rows."""
-    dense = _dense(trainer, model, datamodule, zero_shot, out, config, needed=len(done) < len(todo))
+    dense = _dense(trainer, model, datamodule, zero_shot, out, needed=len(done) < len(todo))
     dense_state = copy.deepcopy(model.model.state_dict()) if len(done) < len(todo) else None
     index = trainer.callbacks.index(base)
     rows: List[Dict[str, Any]] = []
@@ -223,7 +227,7 @@ def _points(trainer, model, datamodule, zero_shot, base, grid, todo, prints, don
     return rows
 
 
-def _dense(trainer, model, datamodule, zero_shot, out: Path, config, needed: bool) -> Optional[Evaluation]:
+def _dense(trainer, model, datamodule, zero_shot, out: Path, needed: bool) -> Optional[Evaluation]:
     """The dense baseline: measured once when any point runs (a classifier's agreement needs that
     very pass), else the one recorded by the earlier run; kept in ``dense.json``."""
     if not needed:
