@@ -468,3 +468,29 @@ def test_a_signal_during_the_run_leaves_the_previous_output_and_no_stage(tiny_di
     # interrupted while saving, every block was pruned: their checkpoints stay for --resume (none in calibration)
     kept = [".out.wanda_pl-resume"] if where == "saving" else []
     assert snapshot(out) == before and left_beside(out.parent) == sorted(kept + ["out"])
+
+
+def test_mask_shards_must_be_one_complete_set(tmp_path, caplog):
+    """offload disk writes one mask file per block: a lost one must not leave its block silently dense."""
+    from wanda_pl.errors import UserError
+    from wanda_pl.training.masks import load_masks, save_mask_shard
+
+    shards = [{f"layers.{k}.proj": torch.rand(4, 8) < 0.5} for k in range(3)]
+    folder = tmp_path / "masks"
+    for k, part in enumerate(shards):
+        save_mask_shard(part, folder, k, 3)
+    weights = {n: torch.zeros(4, 8) for part in shards for n in part}
+    loaded = load_masks(tmp_path, weights)
+    assert list(loaded) == [n for part in shards for n in part]
+    assert all(torch.equal(loaded[n], m) for part in shards for n, m in part.items())
+    (folder / "masks-00002-of-00003.pt").unlink()
+    with pytest.raises(UserError, match=r"not one complete set of 3: missing \['masks-00002-of-00003.pt'\]"):
+        load_masks(tmp_path, weights)
+    save_mask_shard(shards[1], folder, 1, 4)  # a shard of another run's set of 4
+    with pytest.raises(UserError, match=r"sets of \[3, 4\] mixed"):
+        load_masks(tmp_path, weights)
+    # One file naming only some of the model's layers is allowed (a run may prune some), and said.
+    torch.save(shards[0], tmp_path / "one.pt")
+    with caplog.at_level("WARNING", logger="wanda_pl.training.masks"):
+        assert list(load_masks(tmp_path / "one.pt", weights)) == ["layers.0.proj"]
+    assert "cover 1 of the model's 3 prunable layers" in caplog.text and "layers.1.proj" in caplog.text

@@ -44,6 +44,26 @@ def save_mask_shard(masks: Mapping[str, torch.Tensor], folder, k: int, n: int) -
     save_masks(masks, Path(folder) / f"masks-{k + 1:05d}-of-{n:05d}.pt")
 
 
+def _check_complete(files: List[Path]) -> None:
+    """Per-block shards ``masks-K-of-N.pt`` must be all N of one set: a lost one would leave its
+    block unmasked without a word."""
+    if len(files) == 1 and not files[0].name.startswith("masks-"):  # one file named by the user
+        return
+    shards = [f.name[len("masks-"):-len(".pt")].split("-of-") for f in files]
+    if not all(len(s) == 2 and s[0].isdigit() and s[1].isdigit() for s in shards):
+        odd = next(f.name for f, s in zip(files, shards) if not (len(s) == 2 and s[0].isdigit() and s[1].isdigit()))
+        raise UserError(f"{odd!r} in {str(files[0].parent)!r}: mask shards are named masks-K-of-N.pt")
+    totals = {int(n) for _, n in shards}
+    have = {int(k) for k, _ in shards}
+    if len(totals) != 1 or have != set(range(1, max(totals) + 1)):
+        n = max(totals)
+        missing = sorted(set(range(1, n + 1)) - have)
+        raise UserError(f"the mask shards in {str(files[0].parent)!r} are not one complete set of {n}: "
+                        f"missing {[f'masks-{k:05d}-of-{n:05d}.pt' for k in missing[:5]]}"
+                        f"{' and more' if len(missing) > 5 else ''}"
+                        f"{'' if len(totals) == 1 else f', and shards of sets of {sorted(totals)} mixed'}")
+
+
 def _load_one(path: Path) -> Dict[str, torch.Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -58,6 +78,7 @@ def load_masks(path, weights: Optional[Mapping[str, torch.Tensor]] = None) -> Di
     files = mask_files(path)
     if not files:
         raise FileNotFoundError(f"no mask file at {str(path)!r} (masks.pt, or a folder of masks-*.pt)")
+    _check_complete(files)
     masks: Dict[str, torch.Tensor] = {}
     for f in files:
         part = _load_one(f)
@@ -78,6 +99,10 @@ def load_masks(path, weights: Optional[Mapping[str, torch.Tensor]] = None) -> Di
             if tuple(m.shape) != tuple(weights[n].shape):
                 raise UserError(f"mask {n!r} in {str(path)!r} has shape {tuple(m.shape)}, the model's weight "
                                 f"{tuple(weights[n].shape)}: masks of another model?")
+        uncovered = [n for n in weights if n not in masks]
+        if uncovered:  # legitimate (a run that pruned only some layers) but worth saying: those stay dense
+            log.warning("masks in %r cover %d of the model's %d prunable layers; the other %d (e.g. %s) are not "
+                        "masked and stay dense", str(path), len(masks), len(weights), len(uncovered), uncovered[0])
     return {k: v.bool() for k, v in masks.items()}
 
 
