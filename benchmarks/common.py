@@ -80,3 +80,13 @@ def write_table(name: str, header: str, rows: list, settings: dict) -> str:
 def settings_of(report: dict, **extra) -> dict:
     keys = ("model", "dtype", "calibration", "evaluation", "nsamples", "seqlen", "seed", "max_eval_windows", "eval_windows")
     return {**{k: report.get(k) for k in keys}, **extra, "versions": versions()}
+
+
+def point_key(row) -> tuple:
+    """Where a sweep row sits: its sparsity type, ratio and allocation (to pair it with a reference's)."""
+    return row["sparsity_type"], row["sparsity_ratio"], row.get("allocation")
+
+
+def pruning_wall(row) -> float:
+    """A sweep row's pruning wall time: calibration forwards plus masks and updates (evaluation left out)."""
+    return row["time_calibration_s"] + row["time_prune_s"]

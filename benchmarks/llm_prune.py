@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import run_sweep, settings_of, write_table
+from common import point_key, pruning_wall, run_sweep, settings_of, write_table
 
 from wanda_pl.data.text_module import TextDataModule
 from wanda_pl.commands.sweep import Grid
@@ -69,15 +69,15 @@ def main() -> None:
         _, _, permuted = run_sweep(module, dm, [Grid(["ria"], [0.5], nm, ["uniform"])], keep, ria_permute=True)
         points += [{**r, "method": "ria+permute"} for r in permuted]
     dense = dense_metrics["ppl"]
-    ref = {_where(r): r for r in points if r["method"] == args.reference}
+    ref = {point_key(r): r for r in points if r["method"] == args.reference}
     rows = [f"| dense | - | - | - | {dense:.2f} | 0.0000 | - | - | {dense_s:.1f} |" + (" - | - |" if ref else "")]
     for r in points:
         rows.append(f"| {r['method']} | {r['allocation']} | {r['sparsity_type']} | {r['sparsity_ratio']:g} | "
                     f"{r['ppl']:.2f} | {r['actual_sparsity']:.4f} | "
                     f"{r['time_prune_s']:.2f} | {r['time_calibration_s']:.1f} | {r['time_total_s']:.1f} |")
         if args.reference:
-            base = ref.get(_where(r))
-            rows[-1] += (f" {r['ppl'] / base['ppl']:.3f} | {_wall(r) / _wall(base):.2f} |" if base else " - | - |")
+            base = ref.get(point_key(r))
+            rows[-1] += (f" {r['ppl'] / base['ppl']:.3f} | {pruning_wall(r) / pruning_wall(base):.2f} |" if base else " - | - |")
         print(rows[-1], flush=True)
     report = {**dm.describe(), **module.describe()}
     header = ("| method | allocation | sparsity | ratio | perplexity | actual sparsity | mask+update time (s) | "
@@ -91,14 +91,6 @@ def main() -> None:
                             allocations=args.allocations, ria_permute=args.ria_permute, dense_ppl=dense,
                             wall="calibration forward + mask and update seconds, evaluation left out"))
 
-
-def _where(row) -> tuple:
-    return row["sparsity_type"], row["sparsity_ratio"], row.get("allocation")
-
-
-def _wall(row) -> float:
-    """Pruning wall time: the calibration forwards plus masks and updates (evaluation left out)."""
-    return row["time_calibration_s"] + row["time_prune_s"]
 
 
 if __name__ == "__main__":

@@ -14,12 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from common import RESULTS, write_table
-
-
-def _wall(row) -> float:
-    """A point's pruning wall time: calibration forwards plus masks and updates (evaluation left out)."""
-    return row["time_calibration_s"] + row["time_prune_s"]
+from common import RESULTS, point_key, pruning_wall, write_table
 
 
 def main() -> None:
@@ -32,18 +27,15 @@ def main() -> None:
     summary = json.loads((folder / "sweep.json").read_text())
     rows = summary["rows"]
 
-    def where(r):
-        return r["sparsity_type"], r["sparsity_ratio"], r.get("allocation")
-
-    ref = {where(r): r for r in rows if r["method"] == args.reference}
+    ref = {point_key(r): r for r in rows if r["method"] == args.reference}
     out = []
     for r in rows:
-        base = ref.get(where(r))
+        base = ref.get(point_key(r))
         ppl_ratio = f"{r['ppl'] / base['ppl']:.3f}" if base else "-"
-        time_ratio = f"{_wall(r) / _wall(base):.2f}" if base else "-"
+        time_ratio = f"{pruning_wall(r) / pruning_wall(base):.2f}" if base else "-"
         out.append(f"| {r['method']} | {r.get('allocation')} | {r['sparsity_type']} | {r['sparsity_ratio']:g} | "
                    f"{r['ppl']:.2f} | {ppl_ratio} | {r['actual_sparsity']:.4f} | {r['time_prune_s']:.1f} | "
-                   f"{_wall(r):.1f} | {time_ratio} |")
+                   f"{pruning_wall(r):.1f} | {time_ratio} |")
     header = (f"| method | allocation | sparsity | ratio | perplexity | / {args.reference} | actual sparsity | "
               f"mask+update (s) | pruning wall (s) | wall / {args.reference} |")
     settings = {**summary["settings"], "dense": summary["dense"], "grid": summary["grid"], "sweep_dir": str(folder),
