@@ -47,7 +47,7 @@ def compose(base: Method, refine: str = "none", update: str = "none") -> Method:
             mask = dsnot_refine(weight, stats, spec, mask, opts)
         if update == "admm":
             new = admm_update(weight if new is None else new, stats.xtx, mask, opts)
-        return mask, new, perm
+        return (mask, new) if perm is None else (mask, new, perm)  # the base method's shape of result
 
     return Method(base.name, composed, options, needs_activations=True, needs_hessian=update == "admm",
                   default_granularity=base.default_granularity)
