@@ -20,11 +20,13 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .hooks import removing
+from .precision import compute_dtype
 
 
 def output_shift(old_weight: torch.Tensor, new_weight: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """``E[W x] - E[W' x]`` per output for (out, in) weights and the mean input ``mean``."""
-    return (old_weight.float() - new_weight.float()) @ mean.to(old_weight.device, torch.float32)
+    dtype = compute_dtype(old_weight.dtype)
+    return (old_weight.to(dtype) - new_weight.to(dtype)) @ mean.to(old_weight.device, dtype)
 
 
 def _has_bias(module: nn.Module) -> bool:

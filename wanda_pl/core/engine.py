@@ -38,6 +38,7 @@ from .onload import Resident
 from .stats import LayerStats
 from ..methods.base import Method, unpack
 from .plan import Plan, plan_for
+from .precision import as_compute
 from .sparsity import SparsitySpec
 from .layers import param_mask, weight_matrix
 
@@ -121,10 +122,10 @@ def prune_layers(
         w = weight_matrix(module)
         st = stats.get(name)
         if bias_correction:
-            old_w = w.detach().float().clone()
+            old_w = as_compute(w.detach()).clone()
             st = st.centered()
         t0 = time.perf_counter()
-        mask, new_w, perm = unpack(method(w.detach().float(), st, plan[name], options))
+        mask, new_w, perm = unpack(method(as_compute(w.detach()), st, plan[name], options))
         if w.is_cuda:
             torch.cuda.synchronize(w.device)
         result.method_s += time.perf_counter() - t0

@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from .precision import compute_dtype
+
 
 @dataclass
 class LayerStats:
@@ -38,21 +40,23 @@ class LayerStats:
             self.col_sum = torch.zeros(self.in_features, dtype=torch.float32)
 
     def update(self, x: torch.Tensor, nsamples: int) -> None:
-        """Add a (tokens, in) fp32 block of activations coming from ``nsamples`` sequences/images."""
+        """Add a (tokens, in) block of activations (fp32, or fp64 from an fp64 model) coming from ``nsamples`` sequences/images."""
         if not torch.isfinite(x).all():
             raise FloatingPointError(
                 "non-finite calibration activations (NaN/Inf) reached a prunable layer; "
                 "check the model dtype (fp16 overflows on some models: use float32 or bfloat16) and the input data"
             )
-        if self.sq_sum.device != x.device:
-            self.sq_sum = self.sq_sum.to(x.device)
-            self.col_sum = self.col_sum.to(x.device)
+        dtype = compute_dtype(x.dtype)  # fp64 activations (an fp64 model) keep fp64 sums
+        if self.sq_sum.device != x.device or self.sq_sum.dtype != dtype:
+            self.sq_sum = self.sq_sum.to(x.device, dtype)
+            self.col_sum = self.col_sum.to(x.device, dtype)
+        x = x.to(dtype)
         self.sq_sum += (x * x).sum(dim=0)
         self.col_sum += x.sum(dim=0)
         self.tokens += x.shape[0]
         if self.with_hessian:
             if self.xtx is None:
-                self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
+                self.xtx = torch.zeros(self.in_features, self.in_features, dtype=dtype, device=x.device)
             self.xtx.addmm_(x.t(), x)
         self.nsamples += nsamples
 

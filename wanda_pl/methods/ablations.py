@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.precision import compute_dtype
 from ..core.sparsity import select_mask
 from .base import MaskOptions, Method, SolverOptions
 from .sparsegpt import hessian, sparsegpt_prune
@@ -41,7 +42,7 @@ def ablate_mag_iter(weight, stats, spec, options: SolverOptions):
 
 def ablate_wanda_iter(weight, stats, spec, options: SolverOptions):
     H = hessian(stats, "ablate_wanda_iter")
-    norm = torch.sqrt(stats.scaler_row.to(device=weight.device, dtype=torch.float32))
+    norm = torch.sqrt(stats.scaler_row.to(device=weight.device, dtype=compute_dtype(weight.dtype)))
     return sparsegpt_prune(
         weight, H, spec, options.blocksize, options.percdamp, iter_score=lambda w, cols: w.abs() * norm[cols].unsqueeze(0)
     )

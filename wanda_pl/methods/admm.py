@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from ..core.precision import as_compute, compute_dtype
 from ..core.sparsity import SparsitySpec, lowest, nm_mask, select_mask
 from .base import MaskOptions, Method
 
@@ -49,11 +50,11 @@ class ADMMOptions(MaskOptions):
 
 def _scaled(weight: torch.Tensor, xtx: torch.Tensor, options: ADMMOptions):
     """(W D, (G + rho I)^-1, W D G, D) for the scaled problem."""
-    xtx = xtx.to(device=weight.device, dtype=torch.float32)
+    xtx = xtx.to(device=weight.device, dtype=compute_dtype(weight.dtype))
     norm = torch.diagonal(xtx).clamp_min(0).sqrt() + 1e-8
     G = xtx / norm / norm.unsqueeze(1)
     G.diagonal().add_(options.admm_percdamp * float(torch.diagonal(G).mean()))
-    W = weight.float() * norm
+    W = as_compute(weight) * norm
     target = W @ G
     G.diagonal().add_(options.admm_rho)
     return W, torch.linalg.inv(G), target, norm

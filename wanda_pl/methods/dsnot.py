@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.precision import as_compute
 from ..core.sparsity import SparsitySpec
 
 
@@ -59,8 +60,8 @@ def dsnot_refine(weight: torch.Tensor, stats, spec: SparsitySpec, mask: torch.Te
                  options: DSnoTOptions) -> torch.Tensor:
     """The refined mask (True = pruned) of ``weight`` (out x in) from ``mask``, same count per row
     (and per group of M for N:M)."""
-    W = weight.float()
-    mean = stats.mean.to(W.device).float()
+    W = as_compute(weight)
+    mean = stats.mean.to(W.device, W.dtype)
     var = (stats.sq_sum.to(W.device) / max(stats.tokens, 1) - mean * mean).clamp_min(1e-12)
     metric = W * mean  # what each weight adds to the output on average
     wanda = W.abs() * torch.sqrt(stats.scaler_row.to(W.device))

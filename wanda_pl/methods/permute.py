@@ -17,6 +17,7 @@ from typing import Tuple
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ..core.precision import as_compute
 from ..core.sparsity import SparsitySpec, select_mask
 
 _CHUNK = 1 << 25  # elements of one (out x groups x channels) slice of the assignment's cost
@@ -74,7 +75,7 @@ def nm_permutation(score: torch.Tensor, n: int, m: int, rounds: int = 3) -> torc
         raise ValueError(f"N:M sparsity {n}:{m}: M={m} does not divide the input width {cols}")
     if cols == m:  # one group: nothing to spread
         return identity
-    score = score.float()
+    score = as_compute(score)
     groups = _deal(score, m)
     kept = kept_score(score, groups.flatten(), n, m)
     for _ in range(rounds):

@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
+from ..core.precision import compute_dtype
 from ..core.sparsity import SparsitySpec, lowest, nm_mask
 from .base import Method, SolverOptions
 
@@ -143,8 +144,9 @@ def sparsegpt_prune(
 
     device = W.device
     with _no_tf32(device):
-        W = W.detach().to(dtype=torch.float32, copy=True)
-        H = H.detach().to(device=device, dtype=torch.float32, copy=True)
+        dtype = compute_dtype(W.dtype)
+        W = W.detach().to(dtype=dtype, copy=True)
+        H = H.detach().to(device=device, dtype=dtype, copy=True)
         # An input that is always zero leaves H singular; its weights never affect the output, so
         # they are dropped and the column is made an isolated unit pivot.
         dead = torch.diagonal(H) == 0

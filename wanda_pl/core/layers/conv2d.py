@@ -5,17 +5,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import LayerKind
+from ..precision import as_compute
 
 
 def patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if module.groups != 1:
         raise ValueError("grouped / depthwise convolutions are not prunable targets")
     if module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in ((0, 0), "valid"):
-        return x.detach().float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        return as_compute(x.detach()).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
     padding = module.padding
     if isinstance(padding, str):
         raise ValueError(f"conv padding {padding!r} cannot be unfolded; use explicit padding")
-    cols = F.unfold(x.detach().float(), module.kernel_size, module.dilation, padding, module.stride)
+    cols = F.unfold(as_compute(x.detach()), module.kernel_size, module.dilation, padding, module.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
