@@ -80,6 +80,14 @@ BAD = [
     ("bad-granularity", ["--pruning.granularity", "column"], ["granularity", "'column'"]),
     ("variant-nm", ["--pruning.sparsity_type", "2:4", "--pruning.use_variant", "true"], ["use_variant", "2:4"]),
     ("bias-correction-llama", ["--pruning.bias_correction", "true"], ["bias_correction", "no bias", "LLaMA"]),
+    # every regular-expression option is compiled when parsed: one line naming the option and the pattern
+    ("regex-targets", ["--model.targets", "[q_proj(]"], ["model.targets", "'q_proj('", "regular expression"]),
+    ("regex-ignore", ["--model.ignore", '["*_proj"]'], ["model.ignore", "'*_proj'", "regular expression"]),
+    ("regex-trainable", ["--model.trainable", "['a{2,1}']"], ["model.trainable", "'a{2,1}'", "regular expression"]),
+    ("regex-lora-targets", ["--model.finetune", "lora", "--model.lora_targets", "[v_proj)]"],
+     ["model.lora_targets", "'v_proj)'", "regular expression"]),
+    ("regex-profile", ["--pruning.allocation", "profile", "--pruning.profile", '{"mlp.(": 0.5, ".": 0.5}'],
+     ["pruning.profile", "'mlp.('", "regular expression"]),
 ]
 
 
@@ -129,6 +137,27 @@ def test_bad_input_in_a_subprocess_gives_the_message(tiny_dirs, text_file, tmp_p
     assert proc.returncode != 0
     assert "'4:2'" in proc.stderr
     assert not (tmp_path / "sub").exists()
+
+
+def test_bad_regex_is_one_line_not_a_traceback(tiny_dirs, text_file, tmp_path):
+    out = tmp_path / "sub" / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *base_args(tiny_dirs["llama"], text_file, out,
+                                                                           "--model.targets", "[q_proj(]")],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: model.targets: 'q_proj(' is not a valid regular expression "
+                      "(missing ), unterminated subpattern at position 6)"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "sub").exists()
+
+
+def test_classifier_refuses_a_bad_regex_before_building():
+    from wanda_pl.errors import UserError
+    from wanda_pl.modules.classifier import Classifier
+
+    with pytest.raises(UserError, match=r"model.ignore: '\+head' is not a valid regular expression"):
+        Classifier(name="no-such-timm-model", targets=["blocks"], ignore=["+head"])
 
 
 # --------------------------------------------------------------------------- atomic output

@@ -24,6 +24,8 @@ from ..methods.wanda import wanda_score
 from .engine import TargetsFn, dense_pass
 from .hooks import BlockInput
 from .layers import weight_matrix
+from .patterns import check_patterns
+from .precision import as_compute
 from .sparsity import SparsitySpec
 
 ALLOCATIONS = ("uniform", "owl", "profile")
@@ -47,6 +49,8 @@ def check(allocation: str, spec: SparsitySpec, owl_m: float, owl_lambda: float, 
                              f"{spec.ratio:g}, got {owl_lambda!r}")
         if not (isinstance(owl_m, (int, float)) and math.isfinite(owl_m) and owl_m > 0):
             raise ValueError(f"pruning.owl_m must be a number > 0, got {owl_m!r}")
+    if isinstance(profile, Mapping):
+        check_patterns("pruning.profile", profile)
     if (allocation == "profile") != (profile is not None):
         raise ValueError("pruning.profile is given exactly when pruning.allocation is 'profile' "
                          f"(allocation={allocation!r}, profile={profile!r})")
@@ -63,7 +67,7 @@ def per_layer(block_ratios: Mapping[str, float], blocks: Blocks) -> Dict[str, Sp
 
 def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
     """Percentage of ``scores`` (one block's, all layers together) above ``m`` times their mean."""
-    flat = torch.cat([s.detach().float().flatten().cpu() for s in scores])
+    flat = torch.cat([as_compute(s.detach()).flatten().cpu() for s in scores])
     return float((flat > flat.mean() * m).sum()) / flat.numel() * 100
 
 

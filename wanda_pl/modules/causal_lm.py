@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..core.hooks import BlockInput
 from ..core.layers import select_targets
+from ..core.patterns import check_patterns
 from ..eval.perplexity import PerplexitySums, window_nll
 from ..core.onload import HostOffload, Resident, check_offload, refuse_offloaded
 from ..families.hf_causal import (blockwise_logits, capture_block_inputs, load_causal_lm, named_blocks, non_block_modules,
@@ -70,6 +71,9 @@ class CausalLM(L.LightningModule):
         device_map: Optional[Union[str, Dict[str, Union[int, str]]]] = None,
     ) -> None:
         super().__init__()
+        for option, patterns in (("model.targets", targets), ("model.ignore", ignore),
+                                 ("model.trainable", trainable), ("model.lora_targets", lora_targets)):
+            check_patterns(option, patterns)
         check_offload(offload, device_map)
         if finetune not in ("full", "lora"):
             raise ValueError(f"model.finetune must be 'full' or 'lora', got {finetune!r}")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..core.hooks import BlockInput
 from ..core.onload import Resident
+from ..core.patterns import check_patterns
 from ..eval.vision import Agreement, top_k_accuracy, validation_results
 from ..families import timm as family
 from ..families import timm_build
@@ -68,6 +69,8 @@ class Classifier(L.LightningModule):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
+        check_patterns("model.targets", targets)
+        check_patterns("model.ignore", ignore)
         self.save_hyperparameters()
         if calibration_batch_size < 1:
             raise ValueError(f"model.calibration_batch_size must be >= 1, got {calibration_batch_size}")
