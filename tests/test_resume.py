@@ -126,3 +126,34 @@ def test_resume_refusals_and_a_stale_folder(deep_llama, text_file, tmp_path):
     foreign = run(deep_llama, text_file, out, check=False)
     assert foreign.returncode == 2 and "was not written by wanda_pl" in foreign.stderr
     assert (staging / "mine.txt").read_text() == "a user's file"
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_model_changed_on_disk(deep_llama, text_file, tmp_path):
+    """SparseGPT killed after block 1; another model of the same architecture is then saved at the
+    same path (a re-download of another revision): the resume is refused naming the file, before
+    any work, and the finished blocks are kept for the user to decide."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = tmp_path / "model"
+    shutil.copytree(deep_llama, model)
+    out = tmp_path / "runs" / "out"
+    staging = tmp_path / "runs" / ".out.wanda_pl-resume"
+    run(model, text_file, out, "--pruning.method", "sparsegpt", kill_after=1, check=False)
+    assert (staging / "progress.rank0.json").is_file()
+    config = AutoModelForCausalLM.from_pretrained(model).config
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model)  # same shapes, same header, other bytes
+    resumed = run(model, text_file, out, "--pruning.method", "sparsegpt", "--resume", "true", check=False)
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    assert "changed since the interrupted run" in resumed.stderr
+    assert "'model.safetensors' (its content differs)" in resumed.stderr
+    assert "resuming after block" not in resumed.stdout and not (out / "report.json").exists()
+    assert (staging / "block-00001.safetensors").is_file()  # nothing of the earlier run is deleted
+    # an untouched model folder resumes as before (the fingerprint is stable for the same files)
+    fresh = tmp_path / "fresh"
+    run(model, text_file, fresh, "--pruning.method", "sparsegpt", kill_after=1, check=False)
+    assert "resuming after block 1" in run(model, text_file, fresh, "--pruning.method", "sparsegpt",
+                                           "--resume", "true").stdout

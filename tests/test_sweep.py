@@ -146,6 +146,33 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny_dirs, text_file, tmp
     assert calls == ["magnitude-unstructured-0.5", "wanda-unstructured-0.5"]
 
 
+def test_sweep_point_of_a_model_changed_on_disk_runs_again(tiny_dirs, text_file, tmp_path, prune_calls):
+    """The same path, other weights (another revision saved over it): a finished point is not kept,
+    and the output says which file changed; the untouched model keeps it."""
+    import shutil
+
+    from conftest import tiny_model
+
+    model, out = tmp_path / "model", tmp_path / "sweep"
+    shutil.copytree(tiny_dirs["llama"], model)
+    grid = ("--sweep.methods", "[wanda]", "--sweep.ratios", "[0.5]")
+    assert run_cli(args("sweep", model, text_file, out, *grid))[0] is None
+    report = out / "wanda-unstructured-0.5" / "report.json"
+    before = json.loads(report.read_text())
+    assert run_cli(args("sweep", model, text_file, out, *grid))[0] is None
+    assert prune_calls == ["wanda-unstructured-0.5"]  # the same files: kept
+    tiny_model("llama", seed=1).save_pretrained(model)
+    err, printed = run_cli(args("sweep", model, text_file, out, *grid))
+    assert err is None, err
+    assert prune_calls == ["wanda-unstructured-0.5"] * 2
+    line = next(line for line in printed.splitlines() if line.startswith("wanda-unstructured-0.5: run again"))
+    assert line.startswith("wanda-unstructured-0.5: run again: the model changed since it ran (")
+    assert "'model.safetensors' (its content differs)" in line
+    after = json.loads(report.read_text())
+    assert after["sweep"]["model_files"]["model.safetensors"] != before["sweep"]["model_files"]["model.safetensors"]
+    assert after["ppl_dense"] != before["ppl_dense"]
+
+
 @pytest.mark.slow
 def test_sweep_killed_outright_resumes(tiny_dirs, text_file, tmp_path):
     """SIGKILL after the first point (no cleanup at all): the rerun keeps that point, removes the

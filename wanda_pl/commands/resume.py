@@ -4,7 +4,8 @@ After each block is final, rank 0 writes its weights (not for ``offload: disk``,
 blocks are already shards in the same folder) and masks, and every rank writes the activations
 entering the next block and then its progress, each file atomically. ``--resume true`` restarts
 after the last block every rank finished, with bit-identical results; a resume with other
-settings is refused, naming what differs. Without ``--resume`` a staging folder left by a killed
+settings, or after the model's files changed on disk (:mod:`.fingerprint`), is refused, naming
+what differs. Without ``--resume`` a staging folder left by a killed
 run is reported and replaced, never reused; a finished run deletes its own."""
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ import torch.nn as nn
 from ..core.engine import PruneResult
 from ..core.hooks import BlockInput
 from ..errors import UserError
+from .fingerprint import changed_files, model_files
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT = "fingerprint.json"
+MODEL_FILES = "model_files"  # the settings' record of what the model's files are (not just their path)
 KEEP = 2  # generations of activations kept: under DDP the ranks may be one block apart when killed
 
 
@@ -75,6 +78,12 @@ class BlockCheckpoints:
                 raise UserError(f"--resume true: there is no staging folder {str(self.folder)!r} to resume from "
                                 f"(no run with this output_dir was interrupted, or it finished); run without --resume")
             saved = _ours(self.folder)
+            changed = changed_files(saved.get(MODEL_FILES) or {}, self.settings.get(MODEL_FILES) or {})
+            if changed:
+                where = self.settings.get("model", {}).get("model_path")
+                raise UserError(f"--resume true, but the model in {where!r} changed since the interrupted run: "
+                                + ", ".join(changed) + "; the finished blocks came from the earlier files, so "
+                                "rerun without --resume to start over on these")
             differ = [f"{k}: {saved.get(k)!r} then, {self.settings.get(k)!r} now"
                       for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k)]
             if differ:
@@ -205,6 +214,7 @@ def checkpoints_for(trainer, model, datamodule, pruning, output_dir, resume: boo
         "model": model.describe(), "method": pruning.describe(), "devices": trainer.world_size,
         "calibration_ids": None if ids is None else ids_digest(ids), "calibration_batch_size": calib.batch_size,
         "propagate": calib.propagate, "targets": hp.get("targets"), "ignore": hp.get("ignore"),
+        MODEL_FILES: model_files(model.path),
     }
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back from the file
     disk = getattr(model, "disk", None)

@@ -27,6 +27,7 @@ from ..core.sparsity import SparsitySpec
 from ..methods.compose import REFINES, UPDATES
 from ..modules.protocol import require
 from .common import Evaluation, evaluate, lightning_writes
+from .fingerprint import changed_files, model_files
 from .lock import output_lock
 from ..errors import UserError
 from .outputs import MARKER, check_output_dir, claim, owned_entries, remove_leftovers, run_inputs
@@ -130,26 +131,32 @@ def points(grid: Grid, base: Pruning) -> List[Tuple[Point, Pruning]]:
     return out
 
 
-def _fingerprint(point: Point, pruning: Pruning, model, datamodule, config: Optional[Dict[str, Any]]) -> str:
-    """What decides a point's numbers, hashed: its pruning settings, the model, the data and every
-    config value outside the trainer's plumbing and the outputs."""
+def _fingerprint(point: Point, pruning: Pruning, model, datamodule, config: Optional[Dict[str, Any]],
+                 files: Dict[str, Any]) -> str:
+    """What decides a point's numbers, hashed: its pruning settings, the model (its files' records,
+    not only its path), the data and every config value outside the trainer's plumbing and the outputs."""
     decided = {k: v for k, v in (config or {}).items() if k not in ("output_dir", "sweep", "save_model", "trainer",
                                                                     "pruning")}
     decided["precision"] = ((config or {}).get("trainer") or {}).get("precision")
     blob = json.dumps({"point": asdict(point), "pruning": pruning.describe(), "model": model.describe(),
-                       "data": datamodule.describe(), "config": decided}, sort_keys=True, default=str)
+                       "data": datamodule.describe(), "config": decided, "model_files": files}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _finished(folder: Path, fingerprint: str) -> Optional[Dict[str, Any]]:
-    """The finished report of an earlier run of this very point, or None."""
+def _finished(folder: Path, fingerprint: str, files: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], str]:
+    """The finished report of an earlier run of this very point (or None), and when there is one of
+    another model, which of the model's files changed since it ran."""
     if owned_entries(folder) is None:
-        return None
+        return None, ""
     try:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, ValueError):
-        return None
-    return report if (report.get("sweep") or {}).get("fingerprint") == fingerprint else None
+        return None, ""
+    ran = report.get("sweep") or {}
+    if ran.get("fingerprint") == fingerprint:
+        return report, ""
+    return None, ", ".join(changed_files(ran.get("model_files") or {}, files)) if "model_files" in ran else ""
 
 
 def sweep(trainer, model, datamodule, grid: Optional[Grid] = None, output_dir: str = "outputs/sweep",
@@ -174,22 +181,32 @@ def sweep(trainer, model, datamodule, grid: Optional[Grid] = None, output_dir: s
             pruning.check(model)
         except (ValueError, NotImplementedError) as err:
             raise ValueError(f"sweep point {point.name}: {err}") from None
-    prints = {p.name: _fingerprint(p, cb, model, datamodule, config) for p, cb in todo}
-    done = {p.name: r for p, _ in todo if (r := _finished(out / p.name, prints[p.name])) is not None}
+    files = model_files(model.path)
+    prints = {p.name: _fingerprint(p, cb, model, datamodule, config, files) for p, cb in todo}
+    done = {}
+    for point, _ in todo:
+        report, changed = _finished(out / point.name, prints[point.name], files)
+        if report is not None:
+            done[point.name] = report
+        elif changed and trainer.is_global_zero:
+            print(f"{point.name}: run again: the model changed since it ran ({changed})", flush=True)
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         claim(out, [], "sweep")
     with ExitStack() as held:
         if trainer.is_global_zero:  # one sweep at a time in a folder
             held.enter_context(output_lock(out, output_dir))
-        rows = _points(trainer, model, datamodule, zero_shot, base, grid, todo, prints, done, out, save_model, config)
+        rows = _points(trainer, model, datamodule, zero_shot, base, grid, todo, (prints, files), done, out, save_model,
+                       config)
     if trainer.is_global_zero:
         print(f"sweep: {len(rows)} points ({len(done)} kept from before): {out / 'sweep.csv'}")
     return json.loads((out / "sweep.json").read_text()) if trainer.is_global_zero else {"rows": rows}
 
 
-def _points(trainer, model, datamodule, zero_shot, base, grid, todo, prints, done, out, save_model, config):
-    """Run (or keep) every point in order, rewriting the sweep's files after each; the rows."""
+def _points(trainer, model, datamodule, zero_shot, base, grid, todo, identity, done, out, save_model, config):
+    """Run (or keep) every point in order, rewriting the sweep's files after each; the rows.
+    ``identity``: each point's fingerprint and the model files' records, kept in its report."""
+    prints, files = identity
     dense = _dense(trainer, model, datamodule, zero_shot, out, needed=len(done) < len(todo))
     dense_state = copy.deepcopy(model.model.state_dict()) if len(done) < len(todo) else None
     index = trainer.callbacks.index(base)
@@ -208,7 +225,7 @@ def _points(trainer, model, datamodule, zero_shot, base, grid, todo, prints, don
                 report = prune(trainer, model, datamodule, str(out / point.name), save_model, True, point_config,
                                dense=dense, step=step, checkpoints=False,
                                sections={"sweep": {"sweep": {"point": point.name, "fingerprint": prints[point.name],
-                                                             "sweep_dir": str(out)}}})
+                                                             "sweep_dir": str(out), "model_files": files}}})
             else:
                 bar.write(f"{point.name}: finished before with the same settings, kept")
             rows.append(row_of(point, report, resumed=point.name in done))
