@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
+from .machine import one_line
 from .report import atomic_write, headline, method_label, write_json
 
 CARD = "README.md"
@@ -101,7 +102,8 @@ def model_card(report: Mapping[str, Any], where: str) -> str:
              f"| calibration | {report.get('nsamples')} samples"
              + (f" x {report.get('seqlen')} tokens" if report.get("seqlen") else "")
              + f" of {report.get('calibration')}, seed {report.get('seed')} |",
-             f"| evaluated on | {_evaluated_on(report)} |", ""]
+             f"| evaluated on | {_evaluated_on(report)} |",
+             f"| hardware | {one_line(report.get('hardware'))} |", ""]
     if fit:
         lines[-1:] = [f"| fine-tuning | {report.get('finetune')}, {report.get('steps')} steps |", ""]
     if rows:

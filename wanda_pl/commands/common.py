@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Mapping, Optional
 
 from .outputs import staged_dir
+from .machine import hardware
 from .report import peak_memory, versions
 
 
@@ -50,5 +51,5 @@ def environment(trainer) -> Dict[str, Any]:
     import torch
 
     return {"peak_memory_mb": peak_memory(), "devices": trainer.world_size, "torch_threads": torch.get_num_threads(),
-            "versions": versions()}
+            "versions": versions(), "hardware": hardware()}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from .plots import metric_png
+from .machine import hardware
 from .report import atomic_write, headline, versions, write_json
 
 # (column, file, axis label, log scale): the pictures a sweep draws when its rows have the column.
@@ -57,7 +58,7 @@ def write_summary(out: Path, grid, rows: List[Dict[str, Any]], dense: Optional[M
     summary = {
         "grid": asdict(grid), "points": [r["point"] for r in rows], "dense": dense,
         "settings": {k: last_report.get(k) for k in SETTINGS if k in last_report},
-        "versions": versions(), "rows": rows, "files": files,
+        "versions": versions(), "hardware": hardware(), "rows": rows, "files": files,
     }
     atomic_write(out / "sweep.csv", to_csv(rows))
     write_json(out / "sweep.json", summary)
