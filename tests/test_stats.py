@@ -193,3 +193,22 @@ def test_collect_stats_counts_samples_and_removes_hooks():
     assert not lin._forward_hooks
     lin(xs[0])  # outside the context nothing is accumulated
     assert stats["lin"].nsamples == 5
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                             (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_statistics_keep_fp64_and_never_go_below_fp32(dtype, expected):
+    """An fp64 model's statistics stay fp64 end to end (its masks then do not depend on the CPU);
+    every other model's are accumulated in fp32, never in half precision."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4).to(dtype)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    with collect_stats({"l": lin}, with_hessian=True) as stats:
+        lin(x.to(dtype))
+    st = stats["l"]
+    assert st.sq_sum.dtype == st.col_sum.dtype == st.xtx.dtype == st.scaler_row.dtype == expected
+    flat = x.to(dtype).to(torch.float64).reshape(-1, 8)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(st.xtx.double(), flat.T @ flat, rtol=tol, atol=tol)
+    if dtype == torch.float64:  # exact to the last bits an fp32 sum would lose
+        assert torch.equal(st.sq_sum, (flat * flat).sum(0))
