@@ -18,7 +18,7 @@ from ..core.hooks import BlockInput, capture_inputs
 from ..errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}  # fp64: a reference run, the same masks on every CPU (core/precision.py)
+          "float64": torch.float64}  # fp64: a reference run, near-ties no longer CPU-dependent (core/precision.py)
 
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, device_map=None):
