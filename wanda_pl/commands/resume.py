@@ -5,8 +5,8 @@ blocks are already shards in the same folder) and masks, and every rank writes t
 entering the next block and then its progress, each file atomically. ``--resume true`` restarts
 after the last block every rank finished, with bit-identical results; a resume with other
 settings, or after the model's files changed on disk (:mod:`.fingerprint`), is refused, naming
-what differs. Without ``--resume`` a staging folder left by a killed
-run is reported and replaced, never reused; a finished run deletes its own."""
+what differs. Without ``--resume`` a staging folder left by a killed run is reported and
+replaced, never reused; a finished run deletes its own."""
 from __future__ import annotations
 
 import hashlib
