@@ -27,9 +27,11 @@ So no switch makes fp32 reproducible across CPUs (MKL_CBWR pins MKL, not ATen's 
 result is a third one), and SparseGPT's masks are chaotic: last-bit noise moves 4% of them, as
 much as doubling the damping does. What each guard below can and cannot see follows from that:
 
-1. **Bit for bit where no float sum decides**: magnitude on the embedded model (|W| and a stable
-   sort; identical under every run above and on the AVX-512 machine that wrote the old fixture).
-   Its bf16-born weights tie often, so a changed tie-break in ``select_mask`` fails it.
+1. **Bit for bit where no float sum decides**: magnitude on the embedded model, per layer, per row
+   and 2:4 (|W| and stable selections; per layer identical under every run above and on the
+   AVX-512 machine that wrote the old fixture). Its bf16-born weights tie often, so a changed
+   tie-break in ``select_mask`` fails it (checked: ties to the higher column in ``row_mask`` fails
+   ``magnitude_row``; the tiny fp64 model and the floors cannot see ties).
 2. **Bit for bit on a tiny float64 Llama, every method** (``TINY``): fp64 rounding differences sit
    near 1e-16, far below any score gap. Measured: identical hashes native, with
    ``ATEN_CPU_CAPABILITY=default``, with ``MKL_ENABLE_INSTRUCTIONS=AVX MKL_CBWR=COMPATIBLE``; the
