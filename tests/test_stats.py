@@ -83,10 +83,11 @@ def test_non_finite_activations_raise_through_hooks():
 def test_linear_3d_inputs():
     lin = nn.Linear(6, 3)
     x = torch.randn(2, 5, 6, dtype=torch.float64)
-    flat = flatten_inputs(lin, x)
-    assert flat.dtype == torch.float32 and flat.shape == (10, 6)
-    rows = [x[b, t].float() for b in range(2) for t in range(5)]
-    assert torch.equal(flat, torch.stack(rows))
+    for dtype, expected in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32)):
+        flat = flatten_inputs(lin, x.to(dtype))  # the compute dtype: fp64 stays, the rest is fp32
+        assert flat.dtype == expected and flat.shape == (10, 6)
+        rows = [x[b, t].to(dtype).to(expected) for b in range(2) for t in range(5)]
+        assert torch.equal(flat, torch.stack(rows))
     # 2-D and 4-D inputs too
     assert flatten_inputs(lin, x[0]).shape == (5, 6)
     assert flatten_inputs(lin, torch.randn(2, 3, 4, 6)).shape == (24, 6)
