@@ -127,6 +127,10 @@ class WandaCLI(LightningCLI):
             from wanda_pl.commands.lock import check_free
             from wanda_pl.commands.outputs import check_output_dir, config_inputs
 
+            if self.subcommand == "sweep" and os.environ.get("LOCAL_RANK", "0") == "0":
+                from wanda_pl.commands.sweep import adopt_committed
+
+                adopt_committed(cfg.output_dir)  # a point a kill caught between its commit and the claim
             out = check_output_dir(cfg.output_dir, config_inputs(cfg.as_dict()),
                                    writes={"trainer.default_root_dir": cfg.trainer.get("default_root_dir")})
             if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":

@@ -173,6 +173,31 @@ def test_sweep_point_of_a_model_changed_on_disk_runs_again(tiny_dirs, text_file,
     assert after["ppl_dense"] != before["ppl_dense"]
 
 
+def test_sweep_killed_between_a_points_commit_and_its_claim_resumes(tiny_dirs, text_file, tmp_path, prune_calls):
+    """The window a SIGKILL can hit: the point's folder is in place, the sweep's marker does not
+    list it yet. The rerun takes the point back (its own marker lists all it holds) and keeps it."""
+    from wanda_pl.commands.outputs import MARKER
+
+    out = tmp_path / "sweep"
+    grid = ("--sweep.methods", "[magnitude]", "--sweep.ratios", "[0.5]")
+    assert run_cli(args("sweep", tiny_dirs["llama"], text_file, out, *grid))[0] is None
+    marker = json.loads((out / MARKER).read_text())
+    marker["entries"] = [e for e in marker["entries"] if not e.startswith("magnitude-unstructured-0.5")]
+    (out / MARKER).write_text(json.dumps(marker))
+    before = (out / "magnitude-unstructured-0.5" / "report.json").read_bytes()
+    err, _ = run_cli(args("sweep", tiny_dirs["llama"], text_file, out, *grid))
+    assert err is None, err
+    assert prune_calls == ["magnitude-unstructured-0.5"]  # run once, then kept
+    assert (out / "magnitude-unstructured-0.5" / "report.json").read_bytes() == before
+    # a file a user put into the point meanwhile is not taken: the folder is still refused
+    marker["entries"] = [e for e in marker["entries"] if not e.startswith("magnitude-unstructured-0.5")]
+    (out / MARKER).write_text(json.dumps(marker))
+    (out / "magnitude-unstructured-0.5" / "notes.txt").write_text("mine")
+    err, _ = run_cli(args("sweep", tiny_dirs["llama"], text_file, out, *grid))
+    assert err is not None and "holds files this program did not write" in err
+    assert (out / "magnitude-unstructured-0.5" / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.slow
 def test_sweep_killed_outright_resumes(tiny_dirs, text_file, tmp_path):
     """SIGKILL after the first point (no cleanup at all): the rerun keeps that point, removes the

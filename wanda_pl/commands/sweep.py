@@ -30,7 +30,8 @@ from .common import Evaluation, evaluate, lightning_writes
 from .fingerprint import changed_files, model_files
 from .lock import output_lock
 from ..errors import UserError
-from .outputs import MARKER, check_output_dir, claim, owned_entries, remove_leftovers, run_inputs
+from .outputs import (MARKER, check_output_dir, claim, foreign_entries, owned_entries, remove_leftovers,
+                      run_inputs)
 from .prune import prune
 from .report import write_json
 from .sweep_files import row_of, write_summary
@@ -174,6 +175,7 @@ def sweep(trainer, model, datamodule, grid: Optional[Grid] = None, output_dir: s
     out = Path(output_dir).expanduser().absolute()
     if trainer.is_global_zero:
         remove_leftovers(out)  # of points killed outright: they would make the folder look foreign
+        adopt_committed(out)
     out = check_output_dir(output_dir, inputs, writes)
     datamodule.prepare_for(model)
     for point, pruning in todo:
@@ -201,6 +203,24 @@ def sweep(trainer, model, datamodule, grid: Optional[Grid] = None, output_dir: s
     if trainer.is_global_zero:
         print(f"sweep: {len(rows)} points ({len(done)} kept from before): {out / 'sweep.csv'}")
     return json.loads((out / "sweep.json").read_text()) if trainer.is_global_zero else {"rows": rows}
+
+
+def adopt_committed(out: Path) -> None:
+    """A point killed after its folder was committed but before the sweep's marker listed it: a
+    subfolder whose own marker lists all it holds and whose report names this sweep folder is
+    taken back (anything else stays foreign and the folder is refused, as before)."""
+    out = Path(out).expanduser().absolute()
+    owned = owned_entries(out)
+    if owned is None:
+        return
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.is_symlink() and p.name not in owned):
+        listed = owned_entries(folder)
+        try:
+            ran = json.loads((folder / "report.json").read_text()).get("sweep") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        if listed is not None and ran.get("sweep_dir") == str(out) and not foreign_entries(folder):
+            claim(out, [folder.name, f"{folder.name}/{MARKER}", *(f"{folder.name}/{e}" for e in listed)], "sweep")
 
 
 def _points(trainer, model, datamodule, zero_shot, base, grid, todo, identity, done, out, save_model, config):
