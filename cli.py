@@ -1,7 +1,9 @@
 """wanda_pl command line: ``python cli.py {prune,sweep,validate,fit,assets} --help``.
 
-Subcommands are Trainer methods (LightningCLI's contract); ``prune`` and ``sweep`` are ours.
-``assets`` needs no model, so it is dispatched before LightningCLI parses anything.
+Every command of ours is one entry of ``COMMANDS``: LightningCLI's subcommands, the output-folder
+checks and the hooks around a run all derive from it. A subcommand runs the WandaTrainer method of
+its name (LightningCLI's contract: the method's signature and docstring are its options and
+--help); ``assets`` needs no model, so it runs before LightningCLI parses anything.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import logging
 import os
 import sys
 import warnings
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional
 
 import lightning as L
 from lightning.pytorch import Trainer
@@ -21,7 +24,8 @@ from wanda_pl.callbacks import Calibration, Pruning, ZeroShot
 
 class WandaTrainer(Trainer):
     def prune(self, model, datamodule, output_dir: str = "outputs/prune", save_model: bool = False,
-              validate_dense: bool = True, resume: bool = False, checkpoints: bool = True) -> dict:
+              validate_dense: bool = True, resume: bool = False, checkpoints: bool = True,
+              run_config: Optional[dict] = None) -> dict:
         """Calibrate, prune, validate dense and pruned, write report.json.
 
         Args:
@@ -35,13 +39,15 @@ class WandaTrainer(Trainer):
                 finished, from the staging folder ``.<output_dir name>.wanda_pl-resume`` beside output_dir.
             checkpoints: checkpoint every finished block there (weights, masks, the next block's
                 activations) so that ``--resume true`` can continue a killed run; deleted on success.
+            run_config: the run's whole configuration, recorded in the report (given by the CLI, not an option).
         """
         from wanda_pl.commands.prune import prune
 
-        return prune(self, model, datamodule, output_dir, save_model, validate_dense, getattr(self, "run_config", None),
+        return prune(self, model, datamodule, output_dir, save_model, validate_dense, config=run_config,
                      resume=resume, checkpoints=checkpoints)
 
-    def sweep(self, model, datamodule, grid=None, output_dir: str = "outputs/sweep", save_model: bool = False) -> dict:
+    def sweep(self, model, datamodule, grid=None, output_dir: str = "outputs/sweep", save_model: bool = False,
+              run_config: Optional[dict] = None) -> dict:
         """Prune at every point of a grid of methods x ratios x types; tables and plots of all points.
 
         Writes sweep.csv, sweep.json, ppl_vs_sparsity.png and one subfolder per point into
@@ -52,14 +58,15 @@ class WandaTrainer(Trainer):
             output_dir: the sweep's folder (one subfolder per point); a finished point with the same
                 settings is kept, not run again. Same ownership rules as prune's output_dir.
             save_model: also save every point's pruned model (with its model card).
+            run_config: the run's whole configuration, recorded in the reports (given by the CLI, not an option).
         """
         from wanda_pl.commands.sweep import sweep
 
-        return sweep(self, model, datamodule, grid, output_dir, save_model, getattr(self, "run_config", None))
+        return sweep(self, model, datamodule, grid, output_dir, save_model, config=run_config)
 
     def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path: Optional[str] = None,
             weights_only: Optional[bool] = None, output_dir: Optional[str] = "outputs/fit", save_model: bool = True,
-            validate_before: bool = True):
+            validate_before: bool = True, run_config: Optional[dict] = None):
         """Fine-tune (masks kept exactly: pruned at the start, --pruning.masks_from, or the checkpoint's)
         and write report.json: sparsity and metrics before and after, steps, time, mode, config.
 
@@ -72,6 +79,7 @@ class WandaTrainer(Trainer):
                 plain fit, no report (also when no datamodule is given).
             save_model: save the fine-tuned model as a Hugging Face folder (output_dir/model).
             validate_before: measure the metrics before fine-tuning (skipped when resuming).
+            run_config: the run's whole configuration, recorded in the report (given by the CLI, not an option).
         """
         if output_dir is None or datamodule is None or train_dataloaders is not None:
             return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
@@ -81,32 +89,102 @@ class WandaTrainer(Trainer):
             super(WandaTrainer, self).fit(m, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
 
         return fit_and_report(self, model, datamodule, plain_fit, output_dir, ckpt_path, save_model, validate_before,
-                              getattr(self, "run_config", None))
+                              config=run_config)
+
+
+@dataclass(frozen=True)
+class Group:
+    """A dataclass of options shown as ``--<key>.*`` and given to the method as one argument. Added
+    per subcommand, not to the method's signature: scripts rely on the names (``--sweep.*``), and a
+    method argument cannot share its subcommand's name."""
+
+    key: str
+    argument: str
+    load: Callable[[], type]  # imported when the parser is built
+
+
+@dataclass(frozen=True)
+class Command:
+    """What the CLI does around one command.
+
+    skip: the method's arguments the CLI fills in itself; never options.
+    reports: the command writes output_dir (report.json, which records the run's config): the folder
+        is checked and locked before any model loads, and the method gets the config as ``run_config``.
+    group: options of a dataclass (sweep's grid), see ``Group``.
+    before_check: called with output_dir before that check (the sweep takes back a killed point).
+    standalone: a command that needs no model: called with the rest of argv before LightningCLI.
+    """
+
+    skip: frozenset = frozenset({"model", "datamodule"})
+    reports: bool = False
+    group: Optional[Group] = None
+    before_check: Optional[Callable[[str], None]] = None
+    standalone: Optional[Callable[[List[str]], None]] = None
+
+    def skipped(self) -> set:
+        """The method's arguments that are not options (its value in ``WandaCLI.subcommands()``)."""
+        names = set(self.skip)
+        if self.reports:
+            names.add("run_config")
+        if self.group is not None:
+            names.add(self.group.argument)
+        return names
+
+
+def _grid() -> type:
+    from wanda_pl.commands.sweep import Grid
+
+    return Grid
+
+
+def _adopt_committed(output_dir: str) -> None:
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        from wanda_pl.commands.sweep import adopt_committed
+
+        adopt_committed(output_dir)  # a point a kill caught between its commit and the claim
+
+
+def _assets(argv: List[str]) -> None:
+    from wanda_pl.assets.registry import ensure_all
+
+    if argv:
+        print("usage: python cli.py assets   (fetch and verify every embedded asset; prints {name: path} as JSON)",
+              file=sys.stderr)
+        sys.exit(2)  # a usage error, as every other
+    print(json.dumps(ensure_all(), indent=2))
+
+
+# Lightning's validate, test and predict run as they are; fit is Lightning's with a report.
+COMMANDS = {
+    "fit": Command(skip=frozenset(LightningCLI.subcommands()["fit"]), reports=True),
+    "prune": Command(reports=True),
+    "sweep": Command(reports=True, group=Group("sweep", "grid", _grid), before_check=_adopt_committed),
+    "assets": Command(standalone=_assets),
+}
 
 
 class WandaCLI(LightningCLI):
     @staticmethod
     def subcommands():
-        return {**LightningCLI.subcommands(), "prune": {"model", "datamodule"},
-                "sweep": {"model", "datamodule", "grid"}}
+        ours = {name: command.skipped() for name, command in COMMANDS.items() if command.standalone is None}
+        return {**LightningCLI.subcommands(), **ours}
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
-        # The grid's options are --sweep.* (scripts rely on the names), and a method argument
-        # cannot share its subcommand's name: they are added here, for this subcommand only.
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "sweep":
-            from wanda_pl.commands.sweep import Grid
-
-            parser.add_class_arguments(Grid, "sweep", as_group=False)
+        group = getattr(COMMANDS.get(subcommand), "group", None)
+        if group is not None:
+            parser.add_class_arguments(group.load(), group.key, as_group=False)
         return parser
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if subcommand == "sweep":
-            from wanda_pl.commands.sweep import Grid
-
-            grid = self.config_init[subcommand]["sweep"]
-            kwargs["grid"] = grid if isinstance(grid, Grid) else Grid(**dict(vars(grid)))
+        command = COMMANDS.get(subcommand)
+        if command is not None and command.group is not None:
+            cls, value = command.group.load(), self.config_init[subcommand][command.group.key]
+            kwargs[command.group.argument] = value if isinstance(value, cls) else cls(**dict(vars(value)))
+        if command is not None and command.reports:
+            # JSON as the report stores it: paths and other objects as their strings.
+            kwargs["run_config"] = json.loads(json.dumps(self.config[subcommand].as_dict(), default=str))
         return kwargs
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -122,26 +200,19 @@ class WandaCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Refuse an output folder the run may not replace before any model is loaded."""
-        cfg = self.config[self.subcommand]
-        if self.subcommand in ("prune", "fit", "sweep") and cfg.get("output_dir") is not None:
-            from wanda_pl.commands.lock import check_free
-            from wanda_pl.commands.outputs import check_output_dir, config_inputs
+        command, cfg = COMMANDS.get(self.subcommand), self.config[self.subcommand]
+        if command is None or not command.reports or cfg.get("output_dir") is None:
+            return
+        from wanda_pl.commands.lock import check_free
+        from wanda_pl.commands.outputs import check_output_dir, config_inputs
 
-            if self.subcommand == "sweep" and os.environ.get("LOCAL_RANK", "0") == "0":
-                from wanda_pl.commands.sweep import adopt_committed
-
-                adopt_committed(cfg.output_dir)  # a point a kill caught between its commit and the claim
-            out = check_output_dir(cfg.output_dir, config_inputs(cfg.as_dict()),
-                                   writes={"trainer.default_root_dir": cfg.trainer.get("default_root_dir")})
-            if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
-                # Only rank 0 writes and locks; the ranks Lightning starts later would find its lock held.
-                check_free(out, cfg.output_dir)
-
-    def before_prune(self) -> None:
-        cfg = self.config[self.subcommand]
-        self.trainer.run_config = json.loads(json.dumps(cfg.as_dict(), default=str))
-
-    before_fit = before_sweep = before_prune
+        if command.before_check is not None:
+            command.before_check(cfg.output_dir)
+        out = check_output_dir(cfg.output_dir, config_inputs(cfg.as_dict()),
+                               writes={"trainer.default_root_dir": cfg.trainer.get("default_root_dir")})
+        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+            # Only rank 0 writes and locks; the ranks Lightning starts later would find its lock held.
+            check_free(out, cfg.output_dir)
 
 
 def main(args: Optional[list] = None) -> None:
@@ -150,14 +221,9 @@ def main(args: Optional[list] = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A deprecation inside Lightning's own pytree helper, printed on every run; nothing for users to act on.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    if argv[:1] == ["assets"]:
-        from wanda_pl.assets.registry import ensure_all
-
-        if len(argv) > 1:
-            print("usage: python cli.py assets   (fetch and verify every embedded asset; prints {name: path} as JSON)",
-                  file=sys.stderr)
-            sys.exit(2)  # a usage error, as every other
-        print(json.dumps(ensure_all(), indent=2))
+    command = COMMANDS.get(argv[0]) if argv else None
+    if command is not None and command.standalone is not None:
+        command.standalone(argv[1:])
         return
     from wanda_pl.errors import USER_ERROR_EXIT, debug, interruptible, interruption, user_message
 

@@ -71,7 +71,7 @@ def main() -> None:
             str(Path(out) / "run"), save_model=False,
         )
     ts = report["time_s"]
-    before, after = report["metrics_before"]["ppl"], report["metrics_after"]["ppl"]
+    before, after = report["metrics"]["ppl"]["before"], report["metrics"]["ppl"]["after"]
     rows = [
         f"| dense | {dense['ppl']:.2f} | 0.0000 | - | {t_dense:.0f} |",
         f"| {args.method} {args.sparsity_type} | {before:.2f} | {report['sparsity_before']:.4f} | - | "

@@ -243,13 +243,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             report = fit_and_report(t, module, dm, fit, str(Path(out) / "run"), save_model=False)
         counts["after"] = zero_count(module)
-        before, after = report["metrics_before"], report["metrics_after"]
+        before, after = ({k: pair[side] for k, pair in report["metrics"].items()} for side in ("before", "after"))
         zeros_before, zeros_after = sum(counts["before"].values()), sum(counts["after"].values())
         assert counts["after"] == counts["before"], f"{method} {ratio}: fine-tuning changed the zeros per layer"
         assert report["sparsity_after"] == report["sparsity_before"], f"{method} {ratio}: fine-tuning changed the sparsity"
         assert report["masks"]["nonzero_at_pruned_positions"] == 0, f"{method} {ratio}: a pruned weight came back"
         ts = report["time_s"]
-        t_prune = pruning.outcome.calibration_data_s + pruning.outcome.total_s
+        t_prune = pruning.result.calibration_data_s + pruning.result.total_s
         print(f"{method} {ratio:g}: pruned top-1 {pct(before['top1'])}, fine-tuned {pct(after['top1'])}; zeros {zeros_before:,} -> "
               f"{zeros_after:,}; sparsity {report['sparsity_before']:.4f} -> {report['sparsity_after']:.4f}", flush=True)
         loss = f"{np.mean(progress.losses[:20]):.3f} -> {np.mean(progress.losses[-20:]):.3f}" if progress.losses else "n/a"

@@ -130,8 +130,8 @@ def main() -> None:
             module = copy.deepcopy(dense)
             mod_targets = module.all_targets()
             t1 = time.perf_counter()
-            units, inputs = module.prunable_blocks(calib, "cpu")
-            prune_sequential(units, inputs, module.block_targets, method, SparsitySpec.parse("unstructured", ratio),
+            blocks, inputs = module.prunable_blocks(calib, "cpu")
+            prune_sequential(blocks, inputs, module.block_targets, method, SparsitySpec.parse("unstructured", ratio),
                              options, bias_correction=base != method_name, propagate=sequential, progress=False)
             times[sequential] += time.perf_counter() - t1
             del inputs

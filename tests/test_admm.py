@@ -8,7 +8,7 @@ from conftest import run_cli
 from wanda_pl.callbacks import Pruning
 from wanda_pl.core.sparsity import SparsitySpec, row_mask
 from wanda_pl.core.stats import LayerStats
-from wanda_pl.methods import get_method
+from wanda_pl.methods import get_method, get_step
 from wanda_pl.methods.admm import ADMMOptions, admm, admm_update
 from wanda_pl.methods.compose import compose
 from wanda_pl.methods.sparsegpt import sparsegpt_prune
@@ -91,8 +91,8 @@ def test_gradual_admm_reaches_the_exact_sparsity(sparsity_type, ratio):
 
 def test_update_none_is_the_method_itself_and_admm_keeps_its_mask():
     wanda = get_method("wanda")
-    assert compose(wanda, "none", "none") is wanda
-    composed = compose(wanda, update="admm")
+    assert compose(wanda, get_step("refine", "none"), get_step("update", "none")) is wanda
+    composed = compose(wanda, update=get_step("update", "admm"))
     W, X = layer(out=16, inn=32, tokens=256)
     stats = LayerStats(32, with_hessian=True)
     stats.update(X, 4)

@@ -1,5 +1,5 @@
-"""The house, measured: small files, no import cycles, one method table, sections that never
-overwrite each other in a report."""
+"""The house, measured: small files, no import cycles, layers that import only downwards, one method
+table, sections that never overwrite each other in a report."""
 import ast
 from pathlib import Path
 
@@ -88,6 +88,51 @@ def test_the_cycle_finder_finds_a_cycle():
     assert "wanda_pl.core.layers" in graph()["wanda_pl.core.engine"]
 
 
+# The layers, lowest first (README, "Layout"): a package imports only from its own layer's package
+# and the layers below it. ``errors`` is the floor everything may raise from; ``cli.py`` is the top.
+LAYERS = (
+    ("errors",),
+    ("core",),
+    ("methods",),
+    ("assets",),
+    ("data", "eval", "training", "families"),
+    ("modules", "callbacks"),
+    ("commands",),
+)
+
+
+def layer_of(module: str) -> int:
+    package = module.split(".")[1] if "." in module else ""
+    for rank, packages in enumerate(LAYERS):
+        if package in packages:
+            return rank
+    raise AssertionError(f"{module}: its package {package!r} is in no layer of LAYERS; add it where it belongs")
+
+
+def upward_imports(edges):
+    """(importer, imported) pairs that cross into another package of the same or a higher layer."""
+    bad = []
+    for name, targets in sorted(edges.items()):
+        if name == "wanda_pl":
+            continue  # the package's own __init__ re-exports, it is not a layer
+        for t in sorted(targets):
+            if t.split(".")[:2] != name.split(".")[:2] and layer_of(t) >= layer_of(name):
+                bad.append((name, t))
+    return bad
+
+
+def test_every_package_imports_only_from_the_layers_below():
+    bad = upward_imports(graph())
+    assert not bad, "imports up or across the layers: " + "; ".join(f"{a} -> {b}" for a, b in bad)
+
+
+def test_the_layer_check_catches_an_upward_import():
+    assert upward_imports({"wanda_pl.core.engine": {"wanda_pl.methods.base"}}) == \
+        [("wanda_pl.core.engine", "wanda_pl.methods.base")]
+    assert upward_imports({"wanda_pl.modules.x": {"wanda_pl.callbacks.y"}})  # same layer, another package
+    assert not upward_imports({"wanda_pl.methods.wanda": {"wanda_pl.core.sparsity", "wanda_pl.methods.base"}})
+
+
 def test_no_file_over_300_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
@@ -114,10 +159,11 @@ def test_report_sections_never_overwrite_each_other():
 def test_the_method_table_names_every_method_file():
     from wanda_pl import methods
 
-    # compose.py adds steps to a method, DSnoT is only such a step (a refinement) and permute.py a part of RIA's
-    # N:M selection: not methods of their own
-    files = {p.stem for p in (PACKAGE / "methods").glob("*.py")} - {"__init__", "base", "compose", "dsnot", "permute"}
+    # compose.py adds steps to a method, settings.py checks a whole pruning's settings and permute.py is a
+    # part of RIA's N:M selection: not methods of their own; a step (DSnoT, ADMM's update) is in STEPS
+    files = {p.stem for p in (PACKAGE / "methods").glob("*.py")} - {"__init__", "base", "compose", "permute", "settings"}
     modules = {m.fn.__module__.rsplit(".", 1)[-1] for m in methods.METHODS.values()}
+    modules |= {s.apply.__module__.rsplit(".", 1)[-1] for s in methods.STEPS.values()}
     assert files == modules, f"method files without a table entry: {files - modules}"
     for name, m in methods.METHODS.items():
         assert m.name == name and m.make_options() == m.options()

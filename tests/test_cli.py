@@ -1,9 +1,11 @@
-"""The prune command: early, clear errors; atomic outputs; exact replay; reloadable models; recipes."""
+"""The prune command: early, clear errors; atomic outputs; exact replay; reloadable models; recipes, each
+parsed under its own command; the command table in cli.py."""
 import contextlib
 import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -257,14 +259,13 @@ def test_replaying_calibration_ids_reproduces_masks(tiny_dirs, text_file, tmp_pa
     assert torch.equal(torch.load(out2 / "calibration_ids.pt", weights_only=True), ids1)
     r1, r2 = (json.loads((o / "report.json").read_text()) for o in (out1, out2))
     assert r2["seed"] == 7
-    assert r1["ppl"] == r2["ppl"] and r1["ppl_dense"] == r2["ppl_dense"]
+    assert r1["metrics"] == r2["metrics"]
     assert r1["layers"] == r2["layers"]
     m1, _ = load_saved(out1 / "model")
     m2, _ = load_saved(out2 / "model")
     s1, s2 = m1.state_dict(), m2.state_dict()
     assert s1.keys() == s2.keys()
     for k in s1:
-        assert torch.equal(s1[k] == 0, s2[k] == 0), k
         assert torch.equal(s1[k], s2[k]), k
 
     # without the ids file, seed 7 draws other windows and gives other masks (so the replay mattered)
@@ -302,9 +303,9 @@ def test_saved_model_reloads_with_same_sparsity_and_ppl(tiny_dirs, text_file, tm
     assert changed and set(changed) <= in_blocks
     # the report's perplexities, recomputed with a plain loop
     ppl = simple_ppl(model, tok, text_file.read_text(), SEQLEN, WINDOWS)
-    assert ppl == pytest.approx(report["ppl"], rel=1e-5)
+    assert ppl == pytest.approx(report["metrics"]["ppl"]["pruned"], rel=1e-5)
     ppl_dense = simple_ppl(dense, tok, text_file.read_text(), SEQLEN, WINDOWS)
-    assert ppl_dense == pytest.approx(report["ppl_dense"], rel=1e-5)
+    assert ppl_dense == pytest.approx(report["metrics"]["ppl"]["dense"], rel=1e-5)
 
 
 # --------------------------------------------------------------------------- recipes
@@ -332,15 +333,75 @@ def print_config(args):
     return yaml.safe_load(out.getvalue())
 
 
+def recipe_command(recipe: Path) -> str:
+    """The subcommand a recipe is for, read from its own usage comment
+    ``# python cli.py <command> --config configs/<recipe>`` (a recipe may show other commands too)."""
+    rel = recipe.relative_to(ROOT).as_posix()
+    found = set(re.findall(rf"^#.*python cli\.py (\w+) --config {re.escape(rel)}(?!\S)", recipe.read_text(), re.M))
+    assert len(found) == 1, f"{rel} must say how it is run: '#   python cli.py <command> --config {rel}'"
+    return found.pop()
+
+
 def test_every_recipe_parses():
     recipes = sorted((ROOT / "configs").glob("**/*.yaml"))
+    command_of = {}
     for recipe in recipes:
         source = yaml.safe_load(recipe.read_text())
-        command = "sweep" if "sweep" in source else "prune"  # the sweep recipes' grid is sweep's own option
-        printed = print_config([command, "--config", str(recipe)])
+        command_of[recipe.name] = recipe_command(recipe)
+        printed = print_config([command_of[recipe.name], "--config", str(recipe)])
         for path, value in _leaves(source):
             assert _get(printed, path) == value, (recipe.name, path)
-    print(f"{len(recipes)} recipes parsed")
+    assert {"prune", "sweep", "fit"} <= set(command_of.values()), command_of  # the fine-tuning recipes as fit
+    print(f"{len(recipes)} recipes parsed: {command_of}")
+
+
+# --------------------------------------------------------------------------- the command table
+def toy_args(tiny_dirs, text_file, out, *extra):
+    return ["toy", *base_args(tiny_dirs["llama"], text_file, out, *extra)[1:]]
+
+
+def test_one_table_entry_makes_a_command_with_its_output_check_and_config(tiny_dirs, text_file, tmp_path, monkeypatch):
+    import cli
+
+    calls = []
+
+    def toy(self, model, datamodule, output_dir: str = "outputs/toy", run_config=None):
+        """A command added by one table entry."""
+        calls.append((output_dir, run_config, hasattr(self, "run_config")))
+
+    monkeypatch.setattr(cli.WandaTrainer, "toy", toy, raising=False)
+    monkeypatch.setitem(cli.COMMANDS, "toy", cli.Command(reports=True))
+    monkeypatch.setitem(cli.COMMANDS, "hello", cli.Command(standalone=lambda argv: print("hello", *argv)))
+    assert cli.WandaCLI.subcommands()["toy"] == {"model", "datamodule", "run_config"}
+    assert "hello" not in cli.WandaCLI.subcommands()
+    assert run_cli(["hello", "world"]) == (None, "hello world\n")  # before LightningCLI: no model, no options
+    # its output folder is checked as prune's is, before any work
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not ours")
+    error, _ = run_cli(toy_args(tiny_dirs, text_file, foreign))
+    assert error is not None and "holds files this program did not write" in error and calls == [], error
+    # the run's config reaches the method as an argument, never as an option or a trainer attribute
+    error, _ = run_cli(toy_args(tiny_dirs, text_file, tmp_path / "out", "--run_config", "{}"))
+    assert error is not None and "unrecognized arguments: --run_config" in error and calls == [], error
+    error, _ = run_cli(toy_args(tiny_dirs, text_file, tmp_path / "out"))
+    assert error is None, error
+    [(output_dir, config, attribute)] = calls
+    assert output_dir == config["output_dir"] == str(tmp_path / "out") and not attribute
+    assert config["model"]["init_args"]["name_or_path"] == str(tiny_dirs["llama"])
+
+
+def test_prune_gets_the_run_config_as_an_argument(tiny_dirs, text_file, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(commands, "prune", lambda trainer, *a, **k: seen.append((trainer, k.get("config"))) or {})
+    error, _ = run_cli(base_args(tiny_dirs["llama"], text_file, tmp_path / "out", "--pruning.sparsity_type", "2:4"))
+    assert error is None, error
+    [(trainer, config)] = seen
+    assert not hasattr(trainer, "run_config")
+    assert config["pruning"]["sparsity_type"] == "2:4" and config["data"]["init_args"]["seqlen"] == SEQLEN
+    assert config["output_dir"] == str(tmp_path / "out") and json.loads(json.dumps(config)) == config
+    error, _ = run_cli(base_args(tiny_dirs["llama"], text_file, tmp_path / "out", "--run_config", "{}"))
+    assert error is not None and "unrecognized arguments: --run_config" in error, error
 
 
 def test_printed_config_round_trips(tiny_dirs, text_file, tmp_path):

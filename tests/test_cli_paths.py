@@ -139,7 +139,7 @@ def test_method_through_the_cli_equals_its_slow_definition(tiny_dirs, text_file,
         assert rows_differ  # one threshold per layer: rows lose different counts (not row granularity)
     # and the report's perplexity is the saved model's, recomputed from its logits
     assert simple_ppl(pruned, load_saved(out / "model")[1], text_file.read_text(), SEQLEN, WINDOWS) == \
-        pytest.approx(report["ppl"], rel=1e-6)
+        pytest.approx(report["metrics"]["ppl"]["pruned"], rel=1e-6)
 
 
 # --------------------------------------------------------------------------- targets / ignore
@@ -183,7 +183,7 @@ def test_half_dtypes_prune_with_fp32_statistics_and_save_as_asked(tiny_dirs, tex
     report, _ = prune(tiny_dirs["llama"], text_file, out, "--model.dtype", dtype)
     assert seen and set(seen) == {torch.float32}  # activations and accumulators in fp32
     assert report["dtype"] == dtype and report["actual_sparsity"] == 0.5
-    assert math.isfinite(report["ppl"]) and math.isfinite(report["ppl_dense"])
+    assert all(math.isfinite(v) for v in report["metrics"]["ppl"].values())
     with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
         masks = torch.load(out / "masks.pt", weights_only=True)
@@ -207,14 +207,15 @@ def test_validate_on_the_saved_folders_gives_the_reports_perplexities(tiny_dirs,
         return results[-1]
 
     monkeypatch.setattr(cli.WandaTrainer, "validate", spy)
-    for folder, key in ((out / "model", "ppl"), (tiny_dirs["llama"], "ppl_dense")):
+    ppl = report["metrics"]["ppl"]
+    for folder, key in ((out / "model", "pruned"), (tiny_dirs["llama"], "dense")):
         error, stdout = run_cli(["validate", "--model.name_or_path", str(folder), "--data.calibration", str(text_file),
                                  "--data.evaluation", str(text_file), "--data.seqlen", str(SEQLEN),
                                  "--data.max_eval_windows", str(WINDOWS), "--trainer.enable_progress_bar", "false"])
         assert error is None, error
-        assert results[-1] == [{"ppl": report[key]}]  # exactly, not to float32
-        assert repr(report[key]) in stdout  # and printed so
-    assert report["ppl"] != report["ppl_dense"]
+        assert results[-1] == [{"ppl": ppl[key]}]  # exactly, not to float32
+        assert repr(ppl[key]) in stdout  # and printed so
+    assert ppl["pruned"] != ppl["dense"]
 
 
 # --------------------------------------------------------------------------- zero-shot in the report
@@ -249,7 +250,7 @@ def test_prune_with_zero_shot_reports_dense_and_pruned(tiny_dirs, text_file, tmp
         res = zs[phase]
         assert res["limit"] == 8 and res["tasks"]["tiny_mc"]["n"] == 8 and res["world_size"] == 1
         assert res["tasks"]["tiny_mc"]["acc"] == pytest.approx(hand_accuracy(model, tok, 8), abs=1e-12), phase
-        assert res["mean_acc"] == res["tasks"]["tiny_mc"]["acc"]
+        assert res["mean_acc"] == res["tasks"]["tiny_mc"]["acc"] == report["metrics"]["zero_shot_mean_acc"][phase]
     # the console table: one row per task with both accuracies and the difference, then the mean
     assert "zero-shot accuracy (%):" in stdout
     row = next(line for line in stdout.splitlines() if line.startswith("tiny_mc"))
@@ -285,7 +286,8 @@ def test_zero_shot_under_lightning_ddp_equals_one_process(tiny_dirs, text_file, 
         assert (a.pop("world_size"), b.pop("world_size")) == (1, 2)
         assert a["tasks"]["tiny_mc"]["n"] == 9
         assert a == b, phase
-    assert abs(one["ppl"] - two["ppl"]) <= 1e-5 * one["ppl"]
+    ppl_one, ppl_two = (r["metrics"]["ppl"]["pruned"] for r in (one, two))
+    assert abs(ppl_one - ppl_two) <= 1e-5 * ppl_one
     assert stdout.count("zero-shot accuracy (%):") == 1  # rank 0 only
 
 
@@ -389,6 +391,6 @@ def test_classifier_validate_on_the_saved_folder_gives_the_reports_accuracies(tm
     assert error is None, error
     got = results[-1][0]
     for key in ("top1", "top5"):
-        assert got[key] == report["accuracy"][key]["pruned"], key  # exactly, not to float32
+        assert got[key] == report["metrics"][key]["pruned"], key  # exactly, not to float32
         assert repr(got[key]) in stdout
-    assert any(report["accuracy"][k]["pruned"] not in (0.0, 1.0) for k in ("top1", "top5"))  # a fraction to round
+    assert any(report["metrics"][k]["pruned"] not in (0.0, 1.0) for k in ("top1", "top5"))  # a fraction to round

@@ -190,5 +190,5 @@ def test_pruning_callback_option():
     from wanda_pl.callbacks import Pruning
 
     p = Pruning(method="magnitude", bias_correction=True)
-    assert p.needs_activations and p.describe()["bias_correction"] is True
-    assert not Pruning(method="magnitude").needs_activations
+    assert p.settings.needs_activations and p.describe()["bias_correction"] is True
+    assert not Pruning(method="magnitude").settings.needs_activations

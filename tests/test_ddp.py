@@ -60,9 +60,10 @@ def test_data_parallel_calibration_matches_one_process(tiny_dirs, text_file, tmp
     assert seen == {"rank0.json": 3, "rank1.json": 2}
     assert json.loads((tmp_path / "p1" / "rank0.json").read_text())["samples"] == 5
     assert one["eval_windows"] == two["eval_windows"] == 5
-    assert one["ppl_dense"] == pytest.approx(two["ppl_dense"], rel=1e-5)
-    assert one["ppl"] == pytest.approx(two["ppl"], rel=1e-3)
-    assert one["ppl"] != one["ppl_dense"]
+    ppl_one, ppl_two = one["metrics"]["ppl"], two["metrics"]["ppl"]
+    assert ppl_one["dense"] == pytest.approx(ppl_two["dense"], rel=1e-5)
+    assert ppl_one["pruned"] == pytest.approx(ppl_two["pruned"], rel=1e-3)
+    assert ppl_one["pruned"] != ppl_one["dense"]
     # OWL's per-block ratios are rounded per row on this tiny model: its mean is near, not at, 0.5
     target = pytest.approx(0.5, abs=0.01 if "+" in method else 1e-3)
     assert one["actual_sparsity"] == target and two["actual_sparsity"] == target

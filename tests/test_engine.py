@@ -216,7 +216,7 @@ def test_magnitude_runs_no_forward_pass(tiny_dirs, family):
     for h in handles:
         h.remove()
     assert calls == []
-    assert pruning.outcome.forward_s == 0
+    assert pruning.result.forward_s == 0
     # one threshold per layer over |W|, ties by index
     ref = load_reference_model(tiny_dirs[family])
     for name, m in ref.named_modules():

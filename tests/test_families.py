@@ -14,7 +14,7 @@ from cli import main  # noqa: E402
 from test_cli import load_saved, simple_ppl  # noqa: E402
 
 REQUIRED = ("model", "method", "sparsity_type", "sparsity_ratio", "use_variant", "nsamples", "seqlen", "seed",
-            "calibration", "evaluation", "actual_sparsity", "layers", "ppl_dense", "ppl", "time_s",
+            "calibration", "evaluation", "actual_sparsity", "layers", "metrics", "time_s",
             "peak_memory_mb", "versions", "devices", "torch_threads", "calibration_samples_per_rank", "offload")
 
 # decoder-block linears of the tiny configs (2 blocks each)
@@ -85,10 +85,11 @@ def test_family_prunes_end_to_end(tiny_dirs, text_file, tmp_path, family, method
     text = text_file.read_text()
     pruned, tok = load_saved(out / "model")
     dense, _ = load_saved(tiny_dirs[family])
-    for key, model in (("ppl_dense", dense), ("ppl", pruned)):
-        assert isinstance(report[key], float) and math.isfinite(report[key]), (key, report[key])
-        assert report[key] == pytest.approx(simple_ppl(model, tok, text, 32, 4), rel=1e-5), key
-    assert report["ppl"] != report["ppl_dense"]
+    ppl = report["metrics"]["ppl"]
+    for key, model in (("dense", dense), ("pruned", pruned)):
+        assert isinstance(ppl[key], float) and math.isfinite(ppl[key]), (key, ppl[key])
+        assert ppl[key] == pytest.approx(simple_ppl(model, tok, text, 32, 4), rel=1e-5), key
+    assert ppl["pruned"] != ppl["dense"]
 
     t = report["time_s"]
     assert set(("calibration", "prune", "eval", "total")) <= set(t)
@@ -111,7 +112,7 @@ def test_variant_end_to_end(tiny_dirs, text_file, tmp_path):
     # the variant matches each layer to within 0.001 (rows may differ)
     for name, value in report["layers"].items():
         assert abs(value - 0.5) <= 1e-3 + 1e-9, (name, value)
-    assert math.isfinite(report["ppl"])
+    assert math.isfinite(report["metrics"]["ppl"]["pruned"])
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])

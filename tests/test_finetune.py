@@ -150,7 +150,7 @@ def test_checkpoint_and_resume_restore_the_masks(tiny_dirs, text_file, tmp_path)
     t2 = trainer(resumed, max_steps=6)
     t2.fit(resumed_module, datamodule=datamodule(text_file), ckpt_path=str(ckpt))
     assert t2.global_step == 6 and resumed.masks_source.startswith("checkpoint (pruned with {'method': 'wanda'")
-    assert resumed.outcome is None  # not pruned again
+    assert resumed.result is None  # not pruned again
     assert resumed.masks.keys() == pruning.masks.keys()
     for name in pruning.masks:
         assert torch.equal(resumed.masks[name], pruning.masks[name]), name
@@ -191,7 +191,7 @@ def test_resume_lora_restores_adapters_and_masks_and_trains_on(tiny_dirs, text_f
     t2 = trainer(resumed, max_steps=6, extra=[snaps])
     t2.fit(second, datamodule=datamodule(text_file), ckpt_path=str(tmp_path / "lora.ckpt"))
     assert t2.global_step == 6 and len(snaps.after_step) == 3  # three more steps after resuming
-    assert resumed.outcome is None and resumed.masks_source.startswith("checkpoint")
+    assert resumed.result is None and resumed.masks_source.startswith("checkpoint")
     b = lora.lora_layers(second.model)
     assert b.keys() == saved.keys() and len(b) == 4
     for name, (a0, b0) in saved.items():
@@ -309,7 +309,7 @@ def test_fit_command_lora_report_and_outputs(tiny_dirs, text_file, tmp_path):
     assert report["sparsity_before"] == report["sparsity_after"] == 0.5
     assert report["masks"]["nonzero_at_pruned_positions"] == 0
     assert report["merged_layers"] == 4 and report["merged_vs_unmerged_max_abs_diff"] <= 1e-5
-    assert report["metrics_after"]["ppl"] < report["metrics_before"]["ppl"]
+    assert report["metrics"]["ppl"]["after"] < report["metrics"]["ppl"]["before"]
     assert report["config"]["model"]["init_args"]["finetune"] == "lora"
     assert {"report.json", "masks.pt", "model", "adapter"} <= {p.name for p in out.iterdir()}
     assert {"adapter.safetensors", "adapter_config.json", "masks.pt"} <= {p.name for p in (out / "adapter").iterdir()}

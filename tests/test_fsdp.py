@@ -240,7 +240,7 @@ def test_fit_command_under_fsdp2_writes_a_whole_sparse_model(uneven_llama, text_
     assert report["sparsity_before"] == pytest.approx(sparsity, abs=1e-12)
     assert report["sparsity_after"] == pytest.approx(sparsity, abs=1e-12)
     assert report["masks"]["nonzero_at_pruned_positions"] == 0
-    assert report["metrics_after"]["ppl"] < report["metrics_before"]["ppl"]
+    assert report["metrics"]["ppl"]["after"] < report["metrics"]["ppl"]["before"]
     from transformers import AutoModelForCausalLM
 
     saved = AutoModelForCausalLM.from_pretrained(out / "model")

@@ -11,7 +11,7 @@ from transformers import AutoConfig
 from conftest import tiny_config
 from wanda_pl.errors import UserError
 from wanda_pl.families.hf_causal import named_blocks
-from wanda_pl.families.hf_offload import (ShardWriter, checkpoint_index, empty_causal_lm, load_into,
+from wanda_pl.families.hf_shards import (ShardWriter, checkpoint_index, empty_causal_lm, load_into,
                                           outside_blocks, state_of, unload)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

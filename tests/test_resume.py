@@ -69,7 +69,7 @@ def assert_same_output(a: Path, b: Path):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     ra, rb = json.loads((a / "report.json").read_text()), json.loads((b / "report.json").read_text())
-    assert ra["ppl"] == rb["ppl"] and ra["layers"] == rb["layers"]
+    assert ra["metrics"] == rb["metrics"] and ra["layers"] == rb["layers"]
     assert (a / "permutations.pt").exists() == (b / "permutations.pt").exists()
     if (a / "permutations.pt").exists():  # the resumed blocks' permutations come back from the checkpoints
         pa, pb = (torch.load(f / "permutations.pt", weights_only=True) for f in (a, b))

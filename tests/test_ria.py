@@ -173,7 +173,7 @@ def test_permute_option_is_checked_and_reported():
     assert "ria_permute" not in Pruning("wanda", ria_permute=True).describe()["method_options"]
     assert Pruning("ria", sparsity_type="2:4", ria_permute=True).describe()["method_options"] == {
         "granularity": None, "ria_alpha": 0.5, "ria_permute": True}
-    assert Pruning("ria", sparsity_type="2:4", ria_permute=True, update="admm").options.ria_permute
+    assert Pruning("ria", sparsity_type="2:4", ria_permute=True, update="admm").settings.options.ria_permute
 
 
 def prune(module, **kwargs):

@@ -85,10 +85,12 @@ def test_sweep_writes_rows_equal_to_each_points_report(tiny_dirs, text_file, tmp
         report = json.loads((out / row["point"] / "report.json").read_text())
         for key in ("method", "sparsity_type", "allocation"):
             assert row[key] == jrow[key] == report[key]
-        for key in ("sparsity_ratio", "actual_sparsity", "ppl", "ppl_dense"):
+        for key in ("sparsity_ratio", "actual_sparsity"):
             assert float(row[key]) == jrow[key] == report[key], key  # repr round-trips a float exactly
+        for key, side in (("ppl", "pruned"), ("ppl_dense", "dense")):  # the CSV's columns as before
+            assert float(row[key]) == jrow[key] == report["metrics"]["ppl"][side], key
         assert float(row["time_total_s"]) == report["time_s"]["total"]
-        assert report["ppl_dense"] == dense
+        assert report["metrics"]["ppl"]["dense"] == dense
         assert report["sweep"]["point"] == row["point"]
         assert (out / row["point"] / "layers.png").is_file()
     assert {r["sparsity_type"] for r in rows} == {"unstructured", "2:4"}
@@ -170,7 +172,30 @@ def test_sweep_point_of_a_model_changed_on_disk_runs_again(tiny_dirs, text_file,
     assert "'model.safetensors' (its content differs)" in line
     after = json.loads(report.read_text())
     assert after["sweep"]["model_files"]["model.safetensors"] != before["sweep"]["model_files"]["model.safetensors"]
-    assert after["ppl_dense"] != before["ppl_dense"]
+    assert after["metrics"]["ppl"]["dense"] != before["metrics"]["ppl"]["dense"]
+
+
+def test_sweep_resumes_from_a_point_report_written_before_metrics_were_declared(tiny_dirs, text_file, tmp_path,
+                                                                                prune_calls):
+    """A point report of the old shape (``ppl`` / ``ppl_dense`` flat) is kept and tabled as before."""
+    out = tmp_path / "sweep"
+    assert run_cli(args("sweep", tiny_dirs["llama"], text_file, out, "--sweep.methods", "[wanda]",
+                        "--sweep.ratios", "[0.5]"))[0] is None
+    path = out / "wanda-unstructured-0.5" / "report.json"
+    new = json.loads(path.read_text())
+    old = {k: v for k, v in new.items() if k != "metrics"}
+    old.update(ppl_dense=new["metrics"]["ppl"]["dense"], ppl=new["metrics"]["ppl"]["pruned"])
+    old["sections"]["results"] = [k for k in new["sections"]["results"] if k != "metrics"] + ["ppl_dense", "ppl"]
+    path.write_text(json.dumps(old))
+    assert run_cli(args("sweep", tiny_dirs["llama"], text_file, out, "--sweep.methods", "[wanda]",
+                        "--sweep.ratios", "[0.5,0.6]"))[0] is None
+    assert prune_calls == ["wanda-unstructured-0.5", "wanda-unstructured-0.6"]  # the old point kept
+    with open(out / "sweep.csv", newline="") as f:
+        rows = {r["point"]: r for r in csv.DictReader(f)}
+    assert rows["wanda-unstructured-0.5"]["resumed"] == "True"
+    assert float(rows["wanda-unstructured-0.5"]["ppl"]) == old["ppl"]
+    assert float(rows["wanda-unstructured-0.5"]["ppl_dense"]) == old["ppl_dense"]
+    assert float(rows["wanda-unstructured-0.6"]["ppl_dense"]) == old["ppl_dense"]
 
 
 def test_sweep_killed_between_a_points_commit_and_its_claim_resumes(tiny_dirs, text_file, tmp_path, prune_calls):
@@ -272,8 +297,8 @@ def test_prune_logs_to_the_users_logger(tiny_dirs, text_file, tmp_path):
         logged = [r for r in csv.DictReader(f) if r.get("actual_sparsity")]
     assert len(logged) == 1
     row = logged[0]
-    assert float(row["ppl"]) == pytest.approx(report["ppl"], rel=1e-12)
-    assert float(row["ppl_dense"]) == pytest.approx(report["ppl_dense"], rel=1e-12)
+    assert float(row["ppl"]) == pytest.approx(report["metrics"]["ppl"]["pruned"], rel=1e-12)
+    assert float(row["ppl_dense"]) == pytest.approx(report["metrics"]["ppl"]["dense"], rel=1e-12)
     assert float(row["actual_sparsity"]) == pytest.approx(report["actual_sparsity"], rel=1e-12)
     assert float(row["time_s/prune"]) == report["time_s"]["prune"]
     for name, value in report["layers"].items():
@@ -294,8 +319,9 @@ def test_saved_model_has_a_card_with_the_reports_numbers(tiny_dirs, text_file, t
     assert meta["base_model"] == str(tiny_dirs["llama"])
     assert {"pruned", "wanda", "2-4-sparsity", "sparsity-50"} <= set(meta["tags"])
     metrics = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
-    assert metrics == {"perplexity (pruned)": report["ppl"], "perplexity (dense)": report["ppl_dense"]}
-    assert f"{report['ppl']:.3f}" in card and str(out / "model") in card
+    ppl = report["metrics"]["ppl"]
+    assert metrics == {"perplexity (pruned)": ppl["pruned"], "perplexity (dense)": ppl["dense"]}
+    assert f"{ppl['pruned']:.3f}" in card and str(out / "model") in card
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "model")  # the card and report beside the weights do not hurt
@@ -341,8 +367,8 @@ def test_classifier_sweep_plots_top1_and_agreement(image_root, tmp_path):
                          "wanda-unstructured-0.6"}
     for name, row in rows.items():
         report = json.loads((tmp_path / "s" / name / "report.json").read_text())
-        assert row["top1"] == report["accuracy"]["top1"]["pruned"]
-        assert row["agreement"] == report["accuracy"]["agreement"]["pruned"]
+        assert row["top1"] == report["metrics"]["top1"]["pruned"]
+        assert row["agreement"] == report["metrics"]["agreement"]["pruned"]
         assert row["top1_dense"] == summary["dense"]["top1"]
     assert rows["wanda-unstructured-0"]["agreement"] == 1.0 and rows["wanda-unstructured-0"]["actual_sparsity"] == 0
     assert rows["wanda-unstructured-0.6"]["actual_sparsity"] > 0.5

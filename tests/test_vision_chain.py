@@ -66,7 +66,7 @@ def test_efficientnet_convs_selects_pointwise_convs_only():
     plain = _classifier("efficientnet_b0", num_classes=5, convs=False)
     assert plain.all_targets() == {}
     with pytest.raises(ValueError, match="no prunable layers"):
-        Pruning().check(plain)
+        Pruning().settings.check(plain)
 
 
 def test_explicit_targets_and_ignore():
@@ -129,8 +129,8 @@ def slow_prune(module, images, method, spec, propagate):
     dense = copy.deepcopy(model)
     m = get_method(method)
     masks = {}
-    for unit_name, unit in module.units(images[:1]):
-        targets = module.block_targets(unit_name, unit)
+    for unit_name, block in module.blocks(images[:1]):
+        targets = module.block_targets(unit_name, block)
         source = model if propagate else dense
         with torch.no_grad(), collect_stats({n: source.get_submodule(n) for n in targets}) as stats:
             for batch in images.split(3):
@@ -151,19 +151,19 @@ def module_normalize(module, batch):
 
 
 def engine_prune(module, images, method, spec, propagate):
-    units, inputs = module.prunable_blocks(images)
-    return prune_sequential(units, inputs, module.block_targets, get_method(method), spec,
+    blocks, inputs = module.prunable_blocks(images)
+    return prune_sequential(blocks, inputs, module.block_targets, get_method(method), spec,
                             propagate=propagate, progress=False).masks
 
 
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_the_chain_is_the_repeated_blocks_and_holds_every_target(family):
     module = _module(family)
-    units = module.units(_images(module, 1))
-    assert len(units) > 1 and all(u is not module.model for _, u in units)
+    blocks = module.blocks(_images(module, 1))
+    assert len(blocks) > 1 and all(u is not module.model for _, u in blocks)
     prefix = {"vit": "blocks.", "convnext": "stages.", "efficientnet": "blocks.", "resnet": "layer"}[family]
-    assert all(name.startswith(prefix) for name, _ in units)
-    covered = {n for name, unit in units for n in module.block_targets(name, unit)}
+    assert all(name.startswith(prefix) for name, _ in blocks)
+    covered = {n for name, block in blocks for n in module.block_targets(name, block)}
     assert covered == set(module.all_targets()) and covered
 
 
@@ -189,9 +189,9 @@ def test_propagation_changes_the_masks_of_later_blocks():
     assert any(not torch.equal(on[n], off[n]) for n in on if not n.startswith("blocks.0."))
 
 
-def test_targets_outside_the_chain_fall_back_to_one_dense_unit():
+def test_targets_outside_the_chain_fall_back_to_one_dense_block():
     module = _module("vit", targets=[r"^head$", r"mlp\.fc1"])
-    assert module.units(_images(module, 1)) == [("", module.model)]
+    assert module.blocks(_images(module, 1)) == [("", module.model)]
     images = _images(module)
     spec = SparsitySpec.parse("unstructured", 0.5)
     expected = slow_prune(_module("vit", targets=[r"^head$", r"mlp\.fc1"]), images, "wanda", spec, False)
@@ -252,8 +252,8 @@ def test_bias_correction_restores_every_batchnorm_mean_in_an_efficientnet():
             feeds[f"{name}.conv_pw"], feeds[f"{name}.conv_pwl"] = f"{name}.bn1", f"{name}.bn3"
         elif isinstance(block, DepthwiseSeparableConv):
             feeds[f"{name}.conv_pw"] = f"{name}.bn2"
-    units, inputs = module.prunable_blocks(images)
-    prune_sequential(units, inputs, module.block_targets, get_method("wanda"), SparsitySpec.parse("unstructured", 0.5),
+    blocks, inputs = module.prunable_blocks(images)
+    prune_sequential(blocks, inputs, module.block_targets, get_method("wanda"), SparsitySpec.parse("unstructured", 0.5),
                      bias_correction=True, propagate=False, progress=False)
     targets = module.all_targets()
     assert set(targets) == set(feeds)

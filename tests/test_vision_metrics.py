@@ -211,10 +211,17 @@ def test_accuracy_and_agreement_equal_a_hand_count(image_root):
     assert pruned["agreement_unlabelled"] == pytest.approx(float((top1[~lab] == dense_top1[~lab]).float().mean()), abs=1e-6)
     assert 0.0 < pruned["agreement"] < 1.0  # 60% of every block linear is gone: some predictions moved
 
-    report = module.metrics_report(dense, pruned)
-    assert report["accuracy"]["top1"] == {"dense": dense["top1"], "pruned": pruned["top1"]}
-    assert set(report["accuracy"]) >= {"top1", "top5", "agreement"}
-    assert "agreement" in module.metrics_line(dense, pruned)
+    from wanda_pl.commands.steps import Evaluation
+    from wanda_pl.commands.report import measured
+
+    results = {**measured(Evaluation(dense), Evaluation(pruned)), **module.measured_on(pruned)}
+    assert results["metrics"]["top1"] == {"dense": dense["top1"], "pruned": pruned["top1"]}
+    assert set(results["metrics"]) == {"top1", "top5", "agreement", "agreement_unlabelled"}
+    assert results["eval_counts"] == {"images": 10, "labelled": 7}
+    pct = {k: {side: f"{100 * m[k]:.2f}%" for side, m in (("dense", dense), ("pruned", pruned))} for k in ("top1", "top5")}
+    assert module.metrics_line(dense, pruned) == (  # the console line as before metrics were declared
+        f"top-1 dense {pct['top1']['dense']}, pruned {pct['top1']['pruned']}; top-5 dense {pct['top5']['dense']}, "
+        f"pruned {pct['top5']['pruned']}; agreement {100 * pruned['agreement']:.2f}% over 10 images")
 
 
 def test_a_module_given_masks_stores_no_dense_reference():

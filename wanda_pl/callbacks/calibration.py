@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..core.distributed import share
+from ..core.distributed import check_calibration_shares, share, shares
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,6 @@ class Calibration(Callback):
     def device_for(self, pl_module) -> torch.device:
         return pl_module.device if self.store_device == "auto" else torch.device(self.store_device)
 
-    def shares(self, trainer, n: int) -> List[int]:
-        """How many samples each rank calibrates on (rank r: samples r, r + N, ...)."""
-        return [len(share(n, r, trainer.world_size)) for r in range(trainer.world_size)]
-
     def block_inputs(self, trainer, pl_module, needed: bool):
         """(blocks, this rank's first-block inputs, store device, samples per rank). Under DDP each
         rank takes its share of the samples; the engine sums the ranks' statistics."""
@@ -65,6 +61,7 @@ class Calibration(Callback):
         if not needed:
             return pl_module.prunable_blocks(None, store)[0], [], store, []
         data = self.calibration_data(trainer, pl_module)
+        check_calibration_shares(len(data), trainer.world_size)
         mine = data[list(share(len(data), trainer.global_rank, trainer.world_size))]
         blocks, inputs = pl_module.prunable_blocks(mine, store, batch_size=self.batch_size)
-        return blocks, inputs, store, self.shares(trainer, len(data))
+        return blocks, inputs, store, shares(len(data), trainer.world_size)

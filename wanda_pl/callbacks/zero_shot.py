@@ -55,6 +55,7 @@ class ZeroShot(Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
+        from ..eval.results import ZERO_SHOT_MEAN_ACC
         from ..eval.zero_shot import run_zero_shot
 
         result = run_zero_shot(
@@ -62,4 +63,4 @@ class ZeroShot(Callback):
             self.num_fewshot, rank=trainer.global_rank, world_size=trainer.world_size,
         )
         self.result = result
-        pl_module.log("zero_shot_mean_acc", float(result["mean_acc"]), rank_zero_only=False, sync_dist=False)
+        pl_module.log(ZERO_SHOT_MEAN_ACC.name, float(result["mean_acc"]), rank_zero_only=False, sync_dist=False)

@@ -12,12 +12,13 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
+from ..eval.metric import FIT_SIDES, Metric
+from ..eval.metrics import METRICS
 from .machine import one_line
-from .report import atomic_write, headline, method_label, write_json
+from .report import atomic_write, method_label, sides_of, upgrade, write_json
 
 CARD = "README.md"
-_LABELS = {"ppl": "perplexity", "top1": "top-1 accuracy", "top5": "top-5 accuracy",
-           "agreement": "top-1 agreement with the dense model", "zero_shot_mean_acc": "zero-shot mean accuracy"}
+_SIDES = {"dense": "dense", "pruned": "pruned", "before": "before fine-tuning", "after": "after"}
 
 
 def front_matter(text: str) -> Dict[str, Any]:
@@ -48,17 +49,14 @@ def base_of(report: Mapping[str, Any]) -> Tuple[str, Optional[str]]:
     return name, meta.get("license")
 
 
-def _results(report: Mapping[str, Any]) -> Tuple[str, str, List[Tuple[str, Any, Any]]]:
-    """(before label, after label, [(metric, before, after)]) for a prune or a fit report."""
-    if "metrics_after" in report:  # fit
-        before, after = report.get("metrics_before") or {}, report["metrics_after"]
-        rows = [(k, before.get(k), after[k]) for k in _LABELS if isinstance(after.get(k), (int, float))]
-        b, a = (before.get("zero_shot") or {}).get("mean_acc"), (after.get("zero_shot") or {}).get("mean_acc")
-        if a is not None:
-            rows.append(("zero_shot_mean_acc", b, a))
-        return "before fine-tuning", "after", rows
-    nums = headline(report)
-    return "dense", "pruned", [(k, nums.get(f"{k}_dense"), nums[k]) for k in _LABELS if nums.get(k) is not None]
+def _results(report: Mapping[str, Any]) -> Tuple[str, str, List[Tuple[Metric, Any, Any]]]:
+    """(before label, after label, [(metric, before, after)]) for a prune or a fit report: each
+    declared metric the report has an after (pruned) value of."""
+    first, second = sides_of(report)
+    pairs = upgrade(report).get("metrics") or {}
+    rows = [(m, pairs[m.name].get(first), pairs[m.name][second]) for m in METRICS.values()
+            if isinstance((pairs.get(m.name) or {}).get(second), (int, float))]
+    return _SIDES[first], _SIDES[second], rows
 
 
 def _evaluated_on(report: Mapping[str, Any]) -> str:
@@ -71,7 +69,7 @@ def model_card(report: Mapping[str, Any], where: str) -> str:
     """The card of the model saved by the run ``report`` describes, to be reloaded from ``where``."""
     base, licence = base_of(report)
     llm = "timm_name" not in report
-    fit = "metrics_after" in report
+    fit = sides_of(report) == FIT_SIDES
     stype = str(report.get("sparsity_type"))
     sparsity = report.get("sparsity_after", report.get("actual_sparsity"))
     pattern = stype.replace(":", "-") + ("-sparsity" if ":" in stype else "")
@@ -80,8 +78,8 @@ def model_card(report: Mapping[str, Any], where: str) -> str:
     tags += [f"sparsity-{round(100 * sparsity)}"] if isinstance(sparsity, (int, float)) else []
     tags += ["fine-tuned"] if fit else []
     before, after, rows = _results(report)
-    metrics = [{"type": k, "name": f"{_LABELS[k]} ({after})", "value": a} for k, _, a in rows]
-    metrics += [{"type": k, "name": f"{_LABELS[k]} ({before})", "value": b} for k, b, _ in rows if b is not None]
+    metrics = [{"type": m.name, "name": f"{m.label} ({after})", "value": a} for m, _, a in rows]
+    metrics += [{"type": m.name, "name": f"{m.label} ({before})", "value": b} for m, b, _ in rows if b is not None]
     meta: Dict[str, Any] = {"base_model": base, **({"license": licence} if licence else {}),
                             "library_name": "transformers" if llm else "timm",
                             "pipeline_tag": "text-generation" if llm else "image-classification", "tags": tags}
@@ -108,7 +106,7 @@ def model_card(report: Mapping[str, Any], where: str) -> str:
         lines[-1:] = [f"| fine-tuning | {report.get('finetune')}, {report.get('steps')} steps |", ""]
     if rows:
         lines += ["## Results", "", f"| metric | {before} | {after} |", "| --- | --- | --- |"]
-        lines += [f"| {_LABELS[k]} | {_num(b)} | {_num(a)} |" for k, b, a in rows] + [""]
+        lines += [f"| {m.label} | {_num(b)} | {_num(a)} |" for m, b, a in rows] + [""]
     lines += ["## How to reload", "", "```python"]
     if llm:
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",

@@ -8,10 +8,14 @@ import resource
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from ..eval.metric import FIT_SIDES, PRUNE_SIDES, paired
+from ..eval.metrics import METRICS
+from ..eval.results import declared as zero_shot_declared
 from .outputs import TMP_TAG
 
 
@@ -110,19 +114,72 @@ def sparsity_table(layers: Mapping[str, float]) -> str:
     return "\n".join(lines)
 
 
+def measured(first, second, sides: Tuple[str, str] = PRUNE_SIDES) -> Dict[str, Any]:
+    """The report's ``metrics`` from two evaluations (``first`` may be None): each declared metric
+    measured, ``{name: {sides[0]: value, sides[1]: value}}``; with zero-shot, its per-task tables
+    too, as ``zero_shot: {side: result}`` (the mean accuracy is in ``metrics`` as well)."""
+    def values(evaluation):
+        return None if evaluation is None else {**evaluation.metrics, **zero_shot_declared(evaluation.zero_shot)}
+
+    out: Dict[str, Any] = {"metrics": paired(METRICS.values(), values(first), values(second), sides)}
+    if second.zero_shot is not None:
+        out["zero_shot"] = {sides[0]: None if first is None else first.zero_shot, sides[1]: second.zero_shot}
+    return out
+
+
+def sides_of(report: Mapping[str, Any]) -> Tuple[str, str]:
+    """A fit report compares before and after fine-tuning; a prune report dense and pruned."""
+    return FIT_SIDES if "sparsity_after" in report else PRUNE_SIDES
+
+
+_OLD = ("ppl", "ppl_dense", "accuracy", "metrics_before", "metrics_after")
+
+
+def upgrade(report: Mapping[str, Any]) -> Dict[str, Any]:
+    """``report`` in today's shape, whichever version wrote it: sweeps resume from old reports.
+
+    Before metrics were declared, a prune report kept ``ppl`` / ``ppl_dense`` flat, a classifier's
+    pairs under ``accuracy.<name>.{dense, pruned}`` and the zero-shot mean only in ``zero_shot``; a
+    fit report kept each side whole in ``metrics_before`` / ``metrics_after`` (zero-shot tables and a
+    classifier's image counts included). Today's reports come back as they are."""
+    if "metrics" in report or not any(k in report for k in (*_OLD, "zero_shot")):
+        return dict(report)
+    new = {k: v for k, v in report.items() if k not in _OLD}
+    if "metrics_after" in report:
+        before, after = report.get("metrics_before"), report["metrics_after"]
+        results = measured(*(_side(side, (side or {}).get("zero_shot")) for side in (before, after)), FIT_SIDES)
+        if "images" in after:
+            results["eval_counts"] = {"images": after["images"], "labelled": after.get("labelled")}
+    else:
+        zero_shot = report.get("zero_shot") or {}
+        pairs = {**({"ppl": {"dense": report.get("ppl_dense"), "pruned": report["ppl"]}} if "ppl" in report else {}),
+                 **(report.get("accuracy") or {})}
+        results = measured(*(_side({k: pair.get(side) for k, pair in pairs.items()}, zero_shot.get(side))
+                             for side in PRUNE_SIDES))
+        results.update({k: report[k] for k in ("eval_counts",) if k in report})
+    new.update(results)
+    if "sections" in report:
+        kept = [k for k in report["sections"].get("results", []) if k not in (*_OLD, *results)]
+        new["sections"] = {**report["sections"], "results": kept + list(results)}
+    return new
+
+
+def _side(values: Optional[Mapping[str, Any]], zero_shot: Optional[Mapping[str, Any]]) -> Any:
+    """One side of an old report read as an evaluation: its metrics and its zero-shot result."""
+    return None if values is None else SimpleNamespace(metrics=values, zero_shot=zero_shot)
+
+
 def headline(report: Mapping[str, Any]) -> Dict[str, Optional[float]]:
-    """A prune report's measured numbers, flat (pruned, then ``*_dense``): ``ppl`` for language
-    models, ``top1`` / ``top5`` / ``agreement`` for classifiers, the zero-shot mean accuracy when
-    measured. What sweeps tabulate, loggers receive and model cards state."""
+    """A report's measured numbers, flat, for each declared metric measured: the pruned (after)
+    value under the metric's name, the dense (before) one as ``<name>_dense`` (``_before``). What
+    sweeps tabulate, loggers receive and model cards state; old reports are read through :func:`upgrade`."""
+    pairs = upgrade(report).get("metrics") or {}
+    first, second = sides_of(report)
     out: Dict[str, Optional[float]] = {}
-    if "ppl" in report:
-        out.update(ppl=report["ppl"], ppl_dense=report.get("ppl_dense"))
-    for key, pair in (report.get("accuracy") or {}).items():
-        out.update({key: pair.get("pruned"), f"{key}_dense": pair.get("dense")})
-    zero_shot = report.get("zero_shot") or {}
-    for side, suffix in (("pruned", ""), ("dense", "_dense")):
-        if zero_shot.get(side):
-            out[f"zero_shot_mean_acc{suffix}"] = zero_shot[side].get("mean_acc")
+    for metric in METRICS.values():
+        if metric.name in pairs:
+            out.update({metric.name: pairs[metric.name].get(second),
+                        f"{metric.name}_{first}": pairs[metric.name].get(first)})
     return out
 
 

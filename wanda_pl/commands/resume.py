@@ -92,13 +92,16 @@ class BlockCheckpoints:
         elif self.folder.exists():
             _ours(self.folder)  # refuses a folder that is not ours
 
-    def open(self) -> None:
+    def open(self, disk=None) -> None:
         """Without ``--resume``, replace a stale staging folder (rank 0 only changes it); created when
-        the first block's plan is saved, so a run failing before pruning leaves none."""
+        the first block's plan is saved, so a run failing before pruning leaves none. ``disk`` (offload
+        disk) writes its pruned blocks into the folder's ``model/``."""
         if self.rank == 0 and not self.resume and self.folder.exists():
             print(f"replacing the staging folder {self.folder} of an earlier, interrupted run "
                   f"(use --resume true to continue it instead)", flush=True)
             shutil.rmtree(self.folder)
+        if disk is not None:
+            disk.write_to(self.folder / "model")
 
     def _create(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -202,16 +205,16 @@ class BlockCheckpoints:
             old.unlink()
 
 
-def checkpoints_for(trainer, model, datamodule, pruning, output_dir, resume: bool) -> BlockCheckpoints:
+def checkpoints_for(trainer, model, datamodule, pruning_settings, output_dir, resume: bool) -> BlockCheckpoints:
     """The checkpoints of one prune run, checked before any work (a bad ``--resume`` fails here)."""
     from ..callbacks import Calibration
     from ..callbacks.lookup import find_callback
 
     calib = find_callback(trainer, Calibration) or Calibration()
-    ids = datamodule.calibration_data() if pruning.needs_activations else None
+    ids = datamodule.calibration_data() if pruning_settings.needs_activations else None
     hp = getattr(model, "hparams", {})
     settings = {
-        "model": model.describe(), "method": pruning.describe(), "devices": trainer.world_size,
+        "model": model.describe(), "method": pruning_settings.describe(), "devices": trainer.world_size,
         "calibration_ids": None if ids is None else ids_digest(ids), "calibration_batch_size": calib.batch_size,
         "propagate": calib.propagate, "targets": hp.get("targets"), "ignore": hp.get("ignore"),
         MODEL_FILES: model_files(model.path),

@@ -5,8 +5,10 @@ The dense baseline is measured once; each point is a full ``prune`` run into its
 of ``output_dir`` (its ``report.json``, ``layers.png``, optionally the model). A point whose
 folder already holds a finished report with the same settings is not run again, so an
 interrupted sweep resumes where it stopped. After every point ``sweep.csv``, ``sweep.json`` and
-the plots (``ppl_vs_sparsity.png``; ``top1_vs_sparsity.png`` and ``agreement_vs_sparsity.png``
-for classifiers) are rewritten atomically from the points' own reports.
+one ``<metric>_vs_sparsity.png`` per declared metric the points measured (``eval.metrics``: e.g.
+``ppl``; ``top1`` and ``agreement`` for classifiers) are rewritten atomically from the points' own
+reports. Each point's settings reach the prune command as an argument (``PruningSettings``); the
+trainer's callbacks are never swapped.
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ from tqdm.auto import tqdm
 from ..callbacks import Pruning, ZeroShot
 from ..callbacks.lookup import find_callback
 from ..core.sparsity import SparsitySpec
-from ..methods.compose import REFINES, UPDATES
+from ..methods import STEP_KINDS, step_names
+from ..methods.settings import PruningSettings
 from ..modules.protocol import require
-from .common import Evaluation, evaluate, lightning_writes
+from .steps import Evaluation, evaluate, lightning_writes
 from .fingerprint import changed_files, model_files
 from .lock import output_lock
 from ..errors import UserError
@@ -93,18 +96,18 @@ def _steps(name: str) -> Dict[str, str]:
     method, *steps = name.split("+")
     out = {"method": method}
     for step in steps:
-        key = "refine" if step in REFINES else "update" if step in UPDATES else None
+        key = next((kind for kind in STEP_KINDS if step in step_names(kind)[1:]), None)
         if key is None or key in out:
-            raise ValueError(f"{name!r}: after '+' come at most one refinement {REFINES[1:]} and one weight "
-                             f"update {UPDATES[1:]}, got {step!r}")
+            raise ValueError(f"{name!r}: after '+' come at most one refinement {step_names('refine')[1:]} and one "
+                             f"weight update {step_names('update')[1:]}, got {step!r}")
         out[key] = step
     return out
 
 
-def points(grid: Grid, base: Pruning) -> List[Tuple[Point, Pruning]]:
-    """Every point of ``grid`` with its Pruning callback (``base``'s settings otherwise); a grid that
-    is empty or a point the settings refuse fails here, naming the point, before any work."""
-    args = base.init_args
+def points(grid: Grid, base: PruningSettings) -> List[Tuple[Point, PruningSettings]]:
+    """Every point of ``grid`` with its settings (``base`` otherwise); a grid that is empty or a
+    point the settings refuse fails here, naming the point, before any work."""
+    args = base.args
     methods = grid.methods if grid.methods is not None else [args["method"]]
     ratios = grid.ratios if grid.ratios is not None else [base.spec.ratio]
     types = grid.types if grid.types is not None else [base.spec.type]
@@ -124,22 +127,21 @@ def points(grid: Grid, base: Pruning) -> List[Tuple[Point, Pruning]]:
     out = []
     for point in grid_points:
         try:
-            out.append((point, Pruning(**{**args, **_steps(point.method), "sparsity_type": point.sparsity_type,
-                                          "sparsity_ratio": point.sparsity_ratio, "allocation": point.allocation,
-                                          "enabled": False})))
+            out.append((point, base.replace(**_steps(point.method), sparsity_type=point.sparsity_type,
+                                            sparsity_ratio=point.sparsity_ratio, allocation=point.allocation)))
         except (ValueError, TypeError, KeyError) as err:
             raise ValueError(f"sweep point {point.name}: {err}") from None
     return out
 
 
-def _fingerprint(point: Point, pruning: Pruning, model, datamodule, config: Optional[Dict[str, Any]],
+def _fingerprint(point: Point, settings: PruningSettings, model, datamodule, config: Optional[Dict[str, Any]],
                  files: Dict[str, Any]) -> str:
     """What decides a point's numbers, hashed: its pruning settings, the model (its files' records,
     not only its path), the data and every config value outside the trainer's plumbing and the outputs."""
     decided = {k: v for k, v in (config or {}).items() if k not in ("output_dir", "sweep", "save_model", "trainer",
                                                                     "pruning")}
     decided["precision"] = ((config or {}).get("trainer") or {}).get("precision")
-    blob = json.dumps({"point": asdict(point), "pruning": pruning.describe(), "model": model.describe(),
+    blob = json.dumps({"point": asdict(point), "pruning": settings.describe(), "model": model.describe(),
                        "data": datamodule.describe(), "config": decided, "model_files": files}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -170,7 +172,9 @@ def sweep(trainer, model, datamodule, grid: Optional[Grid] = None, output_dir: s
     base = find_callback(trainer, Pruning, needed_for="the sweep command")
     zero_shot = find_callback(trainer, ZeroShot)
     grid = grid or Grid()
-    todo = points(grid, base)
+    if base.masks_from is not None:
+        raise ValueError("pruning.masks_from takes masks instead of computing them: it is for fit/validate, not sweep")
+    todo = points(grid, base.settings)
     inputs, writes = run_inputs(config, model=model.path), lightning_writes(trainer)
     out = Path(output_dir).expanduser().absolute()
     if trainer.is_global_zero:
@@ -178,9 +182,9 @@ def sweep(trainer, model, datamodule, grid: Optional[Grid] = None, output_dir: s
         adopt_committed(out)
     out = check_output_dir(output_dir, inputs, writes)
     datamodule.prepare_for(model)
-    for point, pruning in todo:
+    for point, settings in todo:
         try:
-            pruning.check(model)
+            settings.check(model)
         except (ValueError, NotImplementedError) as err:
             raise ValueError(f"sweep point {point.name}: {err}") from None
     files = model_files(model.path)
@@ -227,23 +231,23 @@ def _points(trainer, model, datamodule, zero_shot, base, grid, todo, identity, d
     """Run (or keep) every point in order, rewriting the sweep's files after each; the rows.
     ``identity``: each point's fingerprint and the model files' records, kept in its report."""
     prints, files = identity
-    dense = _dense(trainer, model, datamodule, zero_shot, out, needed=len(done) < len(todo))
+    with base.untouched():
+        dense = _dense(trainer, model, datamodule, zero_shot, out, needed=len(done) < len(todo))
     dense_state = copy.deepcopy(model.model.state_dict()) if len(done) < len(todo) else None
-    index = trainer.callbacks.index(base)
     rows: List[Dict[str, Any]] = []
     bar = tqdm(total=len(todo), desc="sweep", unit="point", position=0, disable=not trainer.is_global_zero)
     try:
-        for step, (point, pruning) in enumerate(todo):
+        for step, (point, settings) in enumerate(todo):
             bar.set_postfix_str(point.name)
             report = done.get(point.name)
             if report is None:
                 model.model.load_state_dict(dense_state)  # each point starts from the dense weights
                 model.set_masks({})
-                trainer.callbacks[index] = pruning
                 point_config = None if config is None else {
-                    **config, "output_dir": str(out / point.name), "pruning": pruning.init_args}
+                    **config, "output_dir": str(out / point.name),
+                    "pruning": {**base.init_args, **settings.args, "enabled": False}}
                 report = prune(trainer, model, datamodule, str(out / point.name), save_model, True, point_config,
-                               dense=dense, step=step, checkpoints=False,
+                               dense=dense, step=step, checkpoints=False, settings=settings,
                                sections={"sweep": {"sweep": {"point": point.name, "fingerprint": prints[point.name],
                                                              "sweep_dir": str(out), "model_files": files}}})
             else:
@@ -256,7 +260,6 @@ def _points(trainer, model, datamodule, zero_shot, base, grid, todo, identity, d
                 claim(out, summary["files"], "sweep")
             bar.update()
     finally:
-        trainer.callbacks[index] = base
         if dense_state is not None:  # the caller's module as it came: a second sweep on it starts dense again
             model.model.load_state_dict(dense_state)
             model.set_masks({})

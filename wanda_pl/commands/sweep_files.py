@@ -1,5 +1,5 @@
 """A sweep's table and pictures, made from its points' own reports: ``sweep.csv``, ``sweep.json``
-and one ``<metric>_vs_sparsity.png`` per headline metric the model has."""
+and one ``<metric>_vs_sparsity.png`` per declared metric (:mod:`wanda_pl.eval.metrics`) the points measured."""
 from __future__ import annotations
 
 import csv
@@ -8,16 +8,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from ..eval.metrics import METRICS
 from .plots import metric_png
 from .machine import hardware
 from .report import atomic_write, headline, versions, write_json
 
-# (column, file, axis label, log scale): the pictures a sweep draws when its rows have the column.
-PLOTS = (
-    ("ppl", "ppl_vs_sparsity.png", "perplexity (log scale)", True),
-    ("top1", "top1_vs_sparsity.png", "top-1 accuracy", False),
-    ("agreement", "agreement_vs_sparsity.png", "top-1 agreement with the dense model", False),
-)
 SETTINGS = ("model", "model_path", "dtype", "calibration", "evaluation", "nsamples", "seqlen", "seed",
             "max_eval_windows", "eval_windows", "eval_images")
 
@@ -50,10 +45,11 @@ def write_summary(out: Path, grid, rows: List[Dict[str, Any]], dense: Optional[M
     files = ["sweep.csv", "sweep.json"]
     title = f"{last_report.get('model')}: {last_report.get('nsamples')} calibration samples" + \
         (f" x {last_report['seqlen']} tokens" if last_report.get("seqlen") else "")
-    for column, name, label, log in PLOTS:
-        if any(r.get(column) is not None for r in rows):
-            reference = next((r.get(f"{column}_dense") for r in rows if r.get(f"{column}_dense") is not None), None)
-            metric_png(out / name, rows, column, label, reference, log, title)
+    for metric in METRICS.values():
+        if any(r.get(metric.name) is not None for r in rows):
+            dense_column, name = f"{metric.name}_dense", f"{metric.name}_vs_sparsity.png"
+            reference = next((r[dense_column] for r in rows if r.get(dense_column) is not None), None)
+            metric_png(out / name, rows, metric.name, metric.axis, reference, metric.log_scale, title)
             files.append(name)
     summary = {
         "grid": asdict(grid), "points": [r["point"] for r in rows], "dense": dense,

@@ -15,22 +15,23 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from ..methods.wanda import wanda_score
-from .engine import TargetsFn, dense_pass
+from .engine import dense_pass
 from .hooks import BlockInput
 from .layers import weight_matrix
 from .patterns import check_patterns
 from .precision import as_compute
 from .sparsity import SparsitySpec
+from .types import TargetsByBlock, TargetsFn
 
 ALLOCATIONS = ("uniform", "owl", "profile")
 Profile = Union[Sequence[float], Mapping[str, float]]
-Blocks = Mapping[str, Mapping[str, nn.Module]]  # block name -> its targets
+# (weight (out x in), the input's scaler_row) -> a score per weight: OWL counts the outliers of Wanda's
+OutlierScore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TOLERANCE = 1e-6  # on a profile's mean
 
 
@@ -56,12 +57,12 @@ def check(allocation: str, spec: SparsitySpec, owl_m: float, owl_lambda: float, 
                          f"(allocation={allocation!r}, profile={profile!r})")
 
 
-def sizes(blocks: Blocks) -> Dict[str, int]:
+def sizes(blocks: TargetsByBlock) -> Dict[str, int]:
     """Prunable weights per block (what a plan's mean is weighted by)."""
     return {b: sum(m.weight.numel() for m in targets.values()) for b, targets in blocks.items()}
 
 
-def per_layer(block_ratios: Mapping[str, float], blocks: Blocks) -> Dict[str, SparsitySpec]:
+def per_layer(block_ratios: Mapping[str, float], blocks: TargetsByBlock) -> Dict[str, SparsitySpec]:
     return {name: SparsitySpec(float(block_ratios[b])) for b, targets in blocks.items() for name in targets}
 
 
@@ -84,16 +85,17 @@ def owl_ratios(outliers: Sequence[float], ratio: float, lam: float, weights: Opt
 
 
 def owl_plan(blocks, inputs: List[BlockInput], targets_fn: TargetsFn, ratio: float, m: float, lam: float,
-             store_device="cpu", progress: bool = True, placement=None) -> Dict[str, SparsitySpec]:
+             score: OutlierScore, store_device="cpu", progress: bool = True, placement=None) -> Dict[str, SparsitySpec]:
     """OWL's plan: one dense statistics pass over every block (the same engine), then
-    :func:`owl_ratios` weighted by each block's prunable weights."""
+    :func:`owl_ratios` weighted by each block's prunable weights; ``score`` is Wanda's (the caller's:
+    core knows no method)."""
     outliers: Dict[str, float] = {}
     targets_of: Dict[str, Dict[str, nn.Module]] = {}
 
     def on_block(name, targets, stats):
         targets_of[name] = targets
         outliers[name] = outlier_ratio(
-            [wanda_score(weight_matrix(mod).detach().float(), stats[n].scaler_row) for n, mod in targets.items()], m)
+            [score(weight_matrix(mod).detach().float(), stats[n].scaler_row) for n, mod in targets.items()], m)
 
     dense_pass(blocks, inputs, targets_fn, on_block, store_device=store_device, progress=progress, desc="owl: outliers",
                placement=placement)
@@ -105,7 +107,7 @@ def owl_plan(blocks, inputs: List[BlockInput], targets_fn: TargetsFn, ratio: flo
     return per_layer(ratios, targets_of)
 
 
-def profile_plan(profile: Profile, blocks: Blocks, ratio: float) -> Dict[str, SparsitySpec]:
+def profile_plan(profile: Profile, blocks: TargetsByBlock, ratio: float) -> Dict[str, SparsitySpec]:
     """The plan a user's profile gives: a ratio per block (a list, in block order) or per layer
     (``{regex: ratio}``, the first regex that matches a layer name wins)."""
     names = list(blocks)
@@ -161,12 +163,15 @@ class Allocation:
                 **({"profile": self.profile} if self.kind == "profile" else {})}
 
     def plan(self, spec: SparsitySpec, blocks, inputs, targets_fn: TargetsFn, store_device="cpu",
-             progress: bool = False, placement=None) -> Dict[str, SparsitySpec]:
+             progress: bool = False, placement=None, outlier_score: Optional[OutlierScore] = None
+             ) -> Dict[str, SparsitySpec]:
         """The sparsity of every target of ``blocks`` (OWL: from a dense pass over ``inputs``, its
-        blocks brought in by ``placement``)."""
+        blocks brought in by ``placement``, outliers by ``outlier_score``)."""
         if self.kind == "owl":
+            if outlier_score is None:
+                raise TypeError("allocation owl counts outliers of a score: pass outlier_score (Wanda's)")
             return owl_plan(blocks, list(inputs), targets_fn, spec.ratio, self.owl_m, self.owl_lambda,
-                            store_device, progress, placement)
+                            outlier_score, store_device, progress, placement)
         targets = {name: targets_fn(name, block) for name, block in blocks}
         if self.kind == "profile":
             return profile_plan(self.profile, targets, spec.ratio)

@@ -7,7 +7,7 @@ would leave the ranks pruning different models without a word)."""
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Sequence
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -78,9 +78,20 @@ def check_same(what: str, masks: Dict[str, torch.Tensor]) -> None:
                            f"running other settings")
 
 
-def share(n: int, rank: int, ranks: int) -> Sequence[int]:
-    """The sample indices rank ``rank`` of ``ranks`` calibrates on: ``rank, rank + ranks, ...``."""
+def share(n: int, rank: int, ranks: int) -> range:
+    """The items rank ``rank`` of ``ranks`` takes (calibration samples, evaluation windows, images):
+    ``rank, rank + ranks, ...``; every item on exactly one rank, none repeated (a DistributedSampler
+    pads with duplicates, which would bias a perplexity). The one place the shares are decided."""
+    return range(rank, n, ranks)
+
+
+def shares(n: int, ranks: int) -> List[int]:
+    """How many items each rank takes."""
+    return [len(share(n, r, ranks)) for r in range(ranks)]
+
+
+def check_calibration_shares(n: int, ranks: int) -> None:
+    """Data-parallel calibration sums statistics over ranks: every rank needs a sample."""
     if ranks > n:
         raise ValueError(f"data-parallel calibration needs at least one sample per rank: {n} calibration "
                          f"samples for {ranks} ranks (data.nsamples >= trainer.devices x num_nodes)")
-    return range(rank, n, ranks)

@@ -34,17 +34,17 @@ from tqdm.auto import tqdm
 from . import correction
 from .distributed import check_same, sum_stats
 from .hooks import BlockInput, collect_stats
-from .onload import Resident
+from .onload import Placement
 from .stats import LayerStats
-from ..methods.base import Method, unpack
 from .plan import Plan, plan_for
 from .precision import as_compute
 from .sparsity import SparsitySpec
 from .layers import param_mask, weight_matrix
+from .method import Method, unpack
+from .types import TargetsFn
 
 log = logging.getLogger(__name__)
 
-TargetsFn = Callable[[str, nn.Module], Dict[str, nn.Module]]
 OnBlock = Callable[[int, str, nn.Module, List[BlockInput], "PruneResult"], None]
 
 
@@ -153,7 +153,7 @@ def prune_sequential(
     propagate: bool = True,
     store_device="cpu",
     progress: bool = True,
-    placement: Optional[Resident] = None,
+    placement: Optional[Placement] = None,
     start: int = 0,
     on_block: Optional[OnBlock] = None,
     keep_masks: bool = True,
@@ -169,7 +169,7 @@ def prune_sequential(
     ``torch.distributed`` each rank passes its share of the samples: statistics are summed over
     the ranks before any mask is chosen, and the masks checked equal on every rank."""
     result = PruneResult()
-    placement = placement or Resident()
+    placement = placement or Placement()
     all_targets = [targets_fn(name, block) for name, block in blocks]
     every_target = {k: v for t in all_targets for k, v in t.items()}
     plan = check_targets(every_target, plan)
@@ -229,14 +229,14 @@ def dense_pass(
     store_device="cpu",
     progress: bool = True,
     desc: str = "dense statistics",
-    placement: Optional[Resident] = None,
+    placement: Optional[Placement] = None,
 ) -> None:
     """Run every block once on the dense model's own activations, with statistics hooks on its
     targets, and give each block's statistics to ``on_block``: what an allocation (OWL) weighs
     before anything is pruned. ``inputs`` are left as they are, for the pruning pass after. Statistics
     are summed over ranks, as in :func:`prune_sequential`."""
     current = [dataclasses.replace(inp) for inp in inputs]
-    placement = placement or Resident()
+    placement = placement or Placement()
     for name, block in tqdm(blocks, desc=desc, disable=not progress):
         targets = targets_fn(name, block)
         placement.enter(name, block)
@@ -252,12 +252,12 @@ def dense_pass(
 
 @torch.no_grad()
 def forward_sequential(
-    blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput], placement: Optional[Resident] = None,
+    blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput], placement: Optional[Placement] = None,
     store_device="cpu", progress: bool = False, desc: str = "blocks",
 ) -> List[torch.Tensor]:
     """What the last block outputs for each input, running block 0 over every input, then block 1,
     ...: a model whose blocks come in one at a time (offload) is evaluated without ever being whole."""
-    placement = placement or Resident()
+    placement = placement or Placement()
     current = [dataclasses.replace(inp) for inp in inputs]
     for name, block in tqdm(blocks, desc=desc, disable=not progress):
         placement.enter(name, block)

@@ -1,7 +1,7 @@
 """Where a block's weights are while it is not its turn: the engine asks for a block just before it
 runs and gives it back after, so a model need not fit on the accelerator (or in host memory).
 
-:class:`Resident` (``offload: none``) leaves the model where Lightning put it. :class:`HostOffload`
+:class:`Placement` (``offload: none``) leaves the model where Lightning put it. :class:`HostOffload`
 (``offload: cpu``) keeps the weights in host memory and moves one block to the accelerator for its
 turn. The disk form (``offload: disk``) reads each block from the checkpoint and writes it back out
 pruned: :mod:`wanda_pl.families.hf_disk`."""
@@ -34,8 +34,9 @@ def refuse_offloaded(what: str, offload: str, device_map=None) -> None:
                         "(configs/llm/llama-2-7b_finetune_fsdp.yaml) or ddp on a model that fits one device")
 
 
-class Resident:
-    """Every weight stays where it is (the whole model on its device)."""
+class Placement:
+    """Where a block's weights are for its turn. This base is ``offload: none``: every weight stays
+    where it is (the whole model on its device); the offloads override ``enter`` and ``leave``."""
 
     offloaded = False
 
@@ -46,7 +47,7 @@ class Resident:
         """``block``'s turn is over (``pruned``: its weights are final)."""
 
 
-class HostOffload(Resident):
+class HostOffload(Placement):
     """Weights in host memory; each block on ``device`` during its turn only."""
 
     offloaded = True

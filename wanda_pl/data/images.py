@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from .image_files import (IMAGE_EXTENSIONS, ImageDataset, labelled_images, list_images, load_image, pixel_transform,
                           resolve_root)
-from .common import check_at_least, my_share
+from .counts import check_at_least, my_share
 
 log = logging.getLogger(__name__)
 

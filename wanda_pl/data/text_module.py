@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .common import check_at_least, my_share, rank_world
+from .counts import check_at_least, my_share, rank_world
 from .text import calibration_windows, check_token_ids, evaluation_windows, load_text
 
 log = logging.getLogger(__name__)

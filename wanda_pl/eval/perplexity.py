@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core.distributed import all_reduce_sum
+from .metric import Metric
+
+PERPLEXITY = Metric("ppl", "perplexity", lower_is_better=True, log_scale=True)
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

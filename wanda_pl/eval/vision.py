@@ -21,7 +21,16 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from .metric import Metric as Declared  # ours, beside torchmetrics' Metric
+
 log = logging.getLogger(__name__)
+
+TOP1 = Declared("top1", "top-1 accuracy", lower_is_better=False, short="top-1", percent=True)
+TOP5 = Declared("top5", "top-5 accuracy", lower_is_better=False, short="top-5", percent=True)
+AGREEMENT = Declared("agreement", "top-1 agreement with the dense model", lower_is_better=False, short="agreement",
+                     percent=True)
+AGREEMENT_UNLABELLED = Declared("agreement_unlabelled", "top-1 agreement with the dense model, unlabelled images",
+                                lower_is_better=False, short="agreement (unlabelled)", percent=True)
 
 
 def top_k_accuracy(num_classes: int, k: int) -> MulticlassAccuracy:
@@ -121,7 +130,7 @@ class Agreement(Metric):
             "labelled": int(labelled.sum()),
             "top1_correct": int((preds[labelled] == labels[labelled]).sum()),
         }
-        out["agreement"], out["agreement_unlabelled"] = agreement(preds, labels, self.reference)
+        out[AGREEMENT.name], out[AGREEMENT_UNLABELLED.name] = agreement(preds, labels, self.reference)
         return out
 
 
@@ -130,4 +139,5 @@ def validation_results(top1: Metric, top5: Metric, images: Agreement) -> Dict[st
     the :class:`Agreement` counts."""
     counts = images.compute()
     labelled = counts["labelled"]
-    return {"top1": rounded(top1) if labelled else None, "top5": rounded(top5) if labelled else None, **counts}
+    return {TOP1.name: rounded(top1) if labelled else None, TOP5.name: rounded(top5) if labelled else None,
+            **counts}

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 
 from ..assets.resolve import resolve_model
-from ..core.onload import Resident
+from ..core.onload import Placement
 from .hf_causal import DTYPES, named_blocks, non_block_modules
-from .hf_offload import ShardWriter, checkpoint_index, empty_causal_lm, load_into, state_of, unload
+from .hf_shards import ShardWriter, checkpoint_index, empty_causal_lm, load_into, state_of, unload
 
 def _big_allocations_mapped() -> None:
     """Have glibc serve every allocation of 1 MiB or more by its own mmap, returned to the system when
@@ -130,7 +130,7 @@ class DiskModel:
         self.writer.finish(self.model.config, self.tokenizer, getattr(self.model, "generation_config", None))
 
 
-class DiskPlacement(Resident):
+class DiskPlacement(Placement):
     """Each block read in for its turn and dropped after it (written first when pruned)."""
 
     offloaded = True

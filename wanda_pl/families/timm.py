@@ -1,14 +1,14 @@
 """timm image classifiers: where the blocks are, which layers are targets, and how pixels go in.
 
-Pruning plan: the same block-sequential engine as the LLM path. The units are the repeated
+Pruning plan: the same block-sequential engine as the LLM path. The blocks are the repeated
 blocks, in the order the network runs them (``blocks`` / ``stages`` / ``layers`` / ``layerN``,
 nested ``nn.Sequential`` flattened: ViT/DeiT ``blocks.N``, EfficientNet ``blocks.S.N``, ConvNeXt
 ``stages.S``, ResNet ``layerK.N``); the stem runs once to capture the first block's input. With
 ``calibration.propagate: true`` each block calibrates on the activations of the already pruned
 blocks before it; ``false`` gives the reference's setting exactly (every statistic from the
-dense forward). The chain is checked on one image before use (each unit called once, in order,
-on the previous unit's output, with no other argument); a model that is not such a chain, or
-targets outside it (``head``, the stem), fall back to ONE unit, the whole network, whose
+dense forward). The chain is checked on one image before use (each block called once, in order,
+on the previous block's output, with no other argument); a model that is not such a chain, or
+targets outside it (``head``, the stem), fall back to ONE block, the whole network, whose
 statistics always come from the dense forward.
 
 Default targets: the Linear layers inside the repeated blocks (ViT / DeiT ``blocks.N.attn.qkv``,
@@ -33,18 +33,17 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..core.hooks import BlockInput, capture_inputs
 from ..core.layers import is_prunable, kind_of, select_targets
+from ..core.types import Blocks, TargetsFn
 
 log = logging.getLogger(__name__)
 
-Units = List[Tuple[str, nn.Module]]
-TargetsFn = Callable[[str, nn.Module], Dict[str, nn.Module]]
 
 # A layer is "inside a block" when its name has one of these (timm naming).
 BLOCK_PATTERNS = (r"(^|\.)blocks\.\d+\.", r"^layer\d+\.\d+\.")
@@ -66,7 +65,7 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
 @dataclass
 class ImageInput(BlockInput):
     """One calibration batch: uint8 pixels (normalized on the way in, with ``mean``/``std``) or a
-    block's float input. Units always run in eval mode: BatchNorm statistics must not move and
+    block's float input. Blocks always run in eval mode: BatchNorm statistics must not move and
     dropout must not fire during calibration, even when pruning starts a ``fit``."""
 
     mean: Optional[torch.Tensor] = None
@@ -121,16 +120,16 @@ def _unfoldable(name: str, module: nn.Module, explicit: bool) -> bool:
     return True
 
 
-def select(unit: nn.Module, name: str, targets: Optional[Sequence[str]], ignore: Sequence[str],
+def select(block: nn.Module, name: str, targets: Optional[Sequence[str]], ignore: Sequence[str],
            convs: bool) -> Dict[str, nn.Module]:
-    """The targets under ``unit`` (named ``name`` in the model): the regexes ``targets`` (any
+    """The targets under ``block`` (named ``name`` in the model): the regexes ``targets`` (any
     prunable layer they match, convs included) or the block defaults above; minus ``ignore``."""
     ignore = list(ignore or ())
     if targets is not None:
-        found = select_targets(unit, name, targets, ignore, True)
+        found = select_targets(block, name, targets, ignore, True)
     else:
         found = {
-            n: m for n, m in select_targets(unit, name, None, ignore, True).items()
+            n: m for n, m in select_targets(block, name, None, ignore, True).items()
             if any(re.search(p, n) for p in BLOCK_PATTERNS) and not any(re.search(p, n) for p in DEFAULT_EXCLUDE)
             and (convs or not _is_conv(m) or _pointwise_mlp(n, m))
         }
@@ -138,18 +137,18 @@ def select(unit: nn.Module, name: str, targets: Optional[Sequence[str]], ignore:
 
 
 # --- the chain of blocks ---
-def block_chain(model: nn.Module) -> Units:
+def block_chain(model: nn.Module) -> Blocks:
     """The repeated blocks in registration order: children of the ``CHAIN_CONTAINERS``
     ``nn.Sequential`` containers, nested ``nn.Sequential`` (EfficientNet stages) flattened."""
 
-    def flatten(name: str, seq: nn.Sequential) -> Units:
-        out: Units = []
+    def flatten(name: str, seq: nn.Sequential) -> Blocks:
+        out: Blocks = []
         for n, child in seq.named_children():
             full = f"{name}.{n}"
             out += flatten(full, child) if isinstance(child, nn.Sequential) else [(full, child)]
         return out
 
-    chain: Units = []
+    chain: Blocks = []
     for name, child in model.named_children():
         if isinstance(child, nn.Sequential) and CHAIN_CONTAINERS.match(name):
             chain += flatten(name, child)
@@ -157,11 +156,11 @@ def block_chain(model: nn.Module) -> Units:
 
 
 @torch.no_grad()
-def chain_problem(model: nn.Module, chain: Units, x: torch.Tensor) -> Optional[str]:
-    """Why ``chain`` is not what ``model(x)`` runs (None when it is): every unit called exactly
-    once, in order, with one tensor argument that is the previous unit's output."""
+def chain_problem(model: nn.Module, chain: Blocks, x: torch.Tensor) -> Optional[str]:
+    """Why ``chain`` is not what ``model(x)`` runs (None when it is): every block called exactly
+    once, in order, with one tensor argument that is the previous block's output."""
     calls: List[Tuple[int, Any, Any]] = []
-    position = {id(unit): i for i, (_, unit) in enumerate(chain)}
+    position = {id(block): i for i, (_, block) in enumerate(chain)}
 
     def pre(module, args, kwargs):
         calls.append((position[id(module)], args, kwargs))
@@ -169,8 +168,8 @@ def chain_problem(model: nn.Module, chain: Units, x: torch.Tensor) -> Optional[s
     def post(module, _args, _kwargs, output):
         calls[-1] = calls[-1] + (output,)
 
-    handles = [unit.register_forward_pre_hook(pre, with_kwargs=True) for _, unit in chain]
-    handles += [unit.register_forward_hook(post, with_kwargs=True) for _, unit in chain]
+    handles = [block.register_forward_pre_hook(pre, with_kwargs=True) for _, block in chain]
+    handles += [block.register_forward_hook(post, with_kwargs=True) for _, block in chain]
     was_training = model.training
     model.eval()
     try:
@@ -181,7 +180,7 @@ def chain_problem(model: nn.Module, chain: Units, x: torch.Tensor) -> Optional[s
             h.remove()
     order = [c[0] for c in calls]
     if order != list(range(len(chain))):
-        return f"units called in the order {order[:8]}..., not once each in order"
+        return f"blocks called in the order {order[:8]}..., not once each in order"
     for i, (_, args, kwargs, *out) in enumerate(calls):
         if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
             return f"{chain[i][0]} takes more than one tensor"
@@ -192,7 +191,7 @@ def chain_problem(model: nn.Module, chain: Units, x: torch.Tensor) -> Optional[s
     return None
 
 
-def units(model: nn.Module, targets_of: TargetsFn, probe: Optional[torch.Tensor] = None) -> Units:
+def blocks(model: nn.Module, targets_of: TargetsFn, probe: Optional[torch.Tensor] = None) -> Blocks:
     """The block chain, or ``[("", model)]`` when it cannot be used: no chain, targets outside it,
     or (checked on ``probe``, one normalized image; without one the chain is trusted) a model
     that does not run it as a plain chain."""
@@ -200,15 +199,15 @@ def units(model: nn.Module, targets_of: TargetsFn, probe: Optional[torch.Tensor]
     chain = block_chain(model)
     if not chain:
         return whole
-    inside = {n for name, unit in chain for n in targets_of(name, unit)}
+    inside = {n for name, block in chain for n in targets_of(name, block)}
     outside = sorted(set(targets_of("", model)) - inside)
     if outside:
-        log.info("targets outside the block chain (%s): one unit, statistics from the dense forward", outside[:3])
+        log.info("targets outside the block chain (%s): one block, statistics from the dense forward", outside[:3])
         return whole
     if probe is not None:
         problem = chain_problem(model, chain, probe)
         if problem:
-            log.info("%s does not run its blocks as a plain chain (%s): one unit, statistics from the dense "
+            log.info("%s does not run its blocks as a plain chain (%s): one block, statistics from the dense "
                      "forward", type(model).__name__, problem)
             return whole
     return chain
@@ -216,7 +215,7 @@ def units(model: nn.Module, targets_of: TargetsFn, probe: Optional[torch.Tensor]
 
 def first_inputs(model: nn.Module, first: nn.Module, batches: Sequence[torch.Tensor], mean: torch.Tensor,
                  std: torch.Tensor, store_device="cpu") -> List[ImageInput]:
-    """The inputs of unit ``first`` for each uint8 batch: the pixels themselves when the unit is
+    """The inputs of block ``first`` for each uint8 batch: the pixels themselves when the block is
     the whole network, else captured with a hook while the stem runs (in eval mode)."""
     mean, std = mean.cpu(), std.cpu()
     pixels = [ImageInput(hidden=b.to(store_device), mean=mean, std=std) for b in batches]

@@ -9,7 +9,8 @@ import torch
 
 from ..core.precision import compute_dtype
 from ..core.sparsity import select_mask
-from .base import MaskOptions, Method, SolverOptions
+from ..core.method import Method
+from .base import MaskOptions, SolverOptions
 from .sparsegpt import hessian, sparsegpt_prune
 from .wanda import wanda_score
 

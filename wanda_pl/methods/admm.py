@@ -24,17 +24,18 @@ import torch
 
 from ..core.precision import as_compute, compute_dtype
 from ..core.sparsity import SparsitySpec, lowest, nm_mask, select_mask
-from .base import MaskOptions, Method
+from ..core.method import Method, option
+from .base import MaskOptions, Step
 
 
 @dataclass(frozen=True)
 class ADMMOptions(MaskOptions):
     """ADMM's iterations, penalty, damping, and (the ``admm`` method) the gradual mask's length."""
 
-    admm_iterations: int = 20
-    admm_rho: float = 1.0
-    admm_percdamp: float = 0.1
-    admm_gradual: int = 15
+    admm_iterations: int = option(20, "ADMM's iterations (>= 1).")
+    admm_rho: float = option(1.0, "ADMM's penalty.")
+    admm_percdamp: float = option(0.1, "ADMM's damping (of the scaled X^T X).")
+    admm_gradual: int = option(15, "for the ``admm`` method, the iterations its gradual mask takes.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,3 +111,10 @@ def admm(weight, stats, spec, options: ADMMOptions):
 
 
 METHOD = Method("admm", admm, ADMMOptions, needs_hessian=True, default_granularity="row")
+
+
+def _step(weight, new, stats, spec, mask, options):
+    return mask, admm_update(weight if new is None else new, stats.xtx, mask, options)
+
+
+STEP = Step("admm", "update", ADMMOptions, _step, needs_hessian=True)

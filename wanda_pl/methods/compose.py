@@ -9,45 +9,37 @@ ablations) take neither: a new mask or new weights would undo their update.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
-from .admm import ADMMOptions, admm_update
-from .base import Method, unpack
-from .dsnot import DSnoTOptions, dsnot_refine
-
-REFINES = ("none", "dsnot")
-UPDATES = ("none", "admm")
-STEP_OPTIONS = (DSnoTOptions, ADMMOptions)  # knobs of the steps, checked like the methods' own
+from ..core.method import Method, unpack
+from .base import Step
 
 
-def compose(base: Method, refine: str = "none", update: str = "none") -> Method:
+def compose(base: Method, refine: Optional[Step] = None, update: Optional[Step] = None) -> Method:
     """``base``, then ``refine``, then ``update``; with neither, ``base`` itself (the same masks bit for bit)."""
-    if refine not in REFINES:
-        raise ValueError(f"pruning.refine must be one of {REFINES}, got {refine!r}")
-    if update not in UPDATES:
-        raise ValueError(f"pruning.update must be one of {UPDATES}, got {update!r}")
-    steps = [(name, cls) for name, cls in ((refine, DSnoTOptions), (update, ADMMOptions)) if name != "none"]
+    steps = [s for s in (refine, update) if s is not None]
     if not steps:
         return base
     if base.needs_hessian:
         raise ValueError(f"pruning.refine / pruning.update work on the mask of a method that only chooses one "
                          f"(magnitude, wanda, ria); {base.name} updates its weights itself: use "
-                         f"--pruning.refine none --pruning.update none with it (got refine={refine!r}, "
-                         f"update={update!r})")
-    bases = [cls for _, cls in steps]
+                         f"--pruning.refine none --pruning.update none with it (got refine="
+                         f"{getattr(refine, 'name', 'none')!r}, update={getattr(update, 'name', 'none')!r})")
+    bases = [s.options for s in steps]
     if not any(issubclass(cls, base.options) for cls in bases):
         bases.insert(0, base.options)
-    name = base.options.__name__ + "".join(f"With{n.upper()}" for n, _ in steps)
+    name = base.options.__name__ + "".join(f"With{s.name.upper()}" for s in steps)
     options = dataclasses.make_dataclass(name, [], bases=tuple(bases), frozen=True)
 
     def composed(weight, stats, spec, opts):
         mask, new, perm = unpack(base.fn(weight, stats, spec, opts))
         if stats is None:
-            raise ValueError(f"pruning.refine={refine!r} / pruning.update={update!r} need calibration statistics")
-        if refine == "dsnot":
-            mask = dsnot_refine(weight, stats, spec, mask, opts)
-        if update == "admm":
-            new = admm_update(weight if new is None else new, stats.xtx, mask, opts)
+            raise ValueError(f"pruning.refine / pruning.update ({'+'.join(s.name for s in steps)}) need calibration "
+                             f"statistics")
+        for step in steps:
+            mask, new = step.apply(weight, new, stats, spec, mask, opts)
         return (mask, new) if perm is None else (mask, new, perm)  # the base method's shape of result
 
-    return Method(base.name, composed, options, needs_activations=True, needs_hessian=update == "admm",
-                  default_granularity=base.default_granularity)
+    return Method(base.name, composed, options, needs_activations=True,
+                  needs_hessian=any(s.needs_hessian for s in steps), default_granularity=base.default_granularity,
+                  check=base.check)

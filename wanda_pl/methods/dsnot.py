@@ -19,17 +19,19 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.method import option
 from ..core.precision import as_compute
 from ..core.sparsity import SparsitySpec
+from .base import Step
 
 
 @dataclass(frozen=True)
 class DSnoTOptions:
     """DSnoT's cycles, stopping threshold on ``|e|`` and the power of the variance in the growing score."""
 
-    dsnot_cycles: int = 50
-    dsnot_threshold: float = 0.1
-    dsnot_var_power: float = 1.0
+    dsnot_cycles: int = option(50, "DSnoT's cycles.")
+    dsnot_threshold: float = option(0.1, "DSnoT's stop on ``|e|``.")
+    dsnot_var_power: float = option(1.0, "DSnoT's power of the variance in the growing score.")
 
     def __post_init__(self) -> None:
         later = getattr(super(), "__post_init__", None)  # composed with other options (compose.py)
@@ -108,3 +110,10 @@ def dsnot_refine(weight: torch.Tensor, stats, spec: SparsitySpec, mask: torch.Te
         e = torch.where(ok, after, e)
         active = ok & (e.abs() > options.dsnot_threshold)
     return mask
+
+
+def _step(weight, new, stats, spec, mask, options):
+    return dsnot_refine(weight, stats, spec, mask, options), new
+
+
+STEP = Step("dsnot", "refine", DSnoTOptions, _step)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ..core.sparsity import select_mask
-from .base import MaskOptions, Method
+from ..core.method import Method
+from .base import MaskOptions
 
 
 def magnitude(weight, stats, spec, options: MaskOptions):

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..core.sparsity import select_mask
-from .base import MaskOptions, Method
+from ..core.method import Method, option
+from .base import MaskOptions
 from .permute import permuted_nm_mask
 
 PERMUTE_ONLY_NM = "pruning.ria_permute permutes input channels for N:M sparsity only (e.g. 2:4)"
@@ -24,8 +25,9 @@ PERMUTE_ONLY_NM = "pruning.ria_permute permutes input channels for N:M sparsity 
 
 @dataclass(frozen=True)
 class RIAOptions(MaskOptions):
-    ria_alpha: float = 0.5  # the exponent ``a`` of the input norm
-    ria_permute: bool = False  # N:M only: choose the mask on channel-permuted scores
+    ria_alpha: float = option(0.5, "RIA's exponent of the input norm (0.5 as its paper).")
+    ria_permute: bool = option(False, "RIA's channel permutation (N:M only): the mask is chosen on channel-permuted "
+                                      "scores; the orders are written to permutations.pt.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -33,6 +35,12 @@ class RIAOptions(MaskOptions):
             raise ValueError(f"pruning.ria_alpha must be a number >= 0, got {self.ria_alpha!r}")
         if not isinstance(self.ria_permute, bool):
             raise ValueError(f"pruning.ria_permute must be true or false, got {self.ria_permute!r}")
+
+
+def check(options: RIAOptions, spec, refine: str) -> None:
+    if options.ria_permute and (refine != "none" or not spec.structured):
+        raise ValueError(f"{PERMUTE_ONLY_NM} and without pruning.refine (DSnoT swaps within the unpermuted "
+                         f"groups), got sparsity_type={spec.type!r}, refine={refine!r}")
 
 
 def ria_score(weight: torch.Tensor, scaler_row: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -55,4 +63,4 @@ def ria(weight, stats, spec, options: RIAOptions):
     return mask, None, perm
 
 
-METHOD = Method("ria", ria, RIAOptions, default_granularity="layer")
+METHOD = Method("ria", ria, RIAOptions, default_granularity="layer", check=check)

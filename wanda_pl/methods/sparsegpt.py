@@ -36,7 +36,8 @@ import torch
 
 from ..core.precision import compute_dtype
 from ..core.sparsity import SparsitySpec, lowest, nm_mask
-from .base import Method, SolverOptions
+from ..core.method import Method
+from .base import SolverOptions
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,19 @@ from dataclasses import dataclass
 import torch
 
 from ..core.sparsity import select_mask
-from .base import MaskOptions, Method
+from ..core.method import Method, option
+from .base import MaskOptions
 
 
 @dataclass(frozen=True)
 class WandaOptions(MaskOptions):
-    use_variant: bool = False  # the paper's variant: per-row threshold on cumulative scores
+    use_variant: bool = option(False, "the Wanda variant (per-row threshold on cumulative scores; unstructured only).")
+
+
+def check(options: WandaOptions, spec, refine: str) -> None:
+    if options.use_variant and spec.structured:
+        raise ValueError(f"pruning.use_variant needs unstructured sparsity and a method that has it (wanda), "
+                         f"got method='wanda', sparsity_type={spec.type!r}")
 
 
 def wanda_score(weight: torch.Tensor, scaler_row: torch.Tensor) -> torch.Tensor:
@@ -30,4 +37,4 @@ def wanda(weight, stats, spec, options: WandaOptions):
     return select_mask(score, spec, options.granularity or "row", options.use_variant), None
 
 
-METHOD = Method("wanda", wanda, WandaOptions, default_granularity="row")
+METHOD = Method("wanda", wanda, WandaOptions, default_granularity="row", check=check)

@@ -15,13 +15,14 @@ import torch.nn as nn
 from ..core.hooks import BlockInput
 from ..core.layers import select_targets
 from ..core.patterns import check_patterns
-from ..eval.perplexity import PerplexitySums, window_nll
-from ..core.onload import HostOffload, Resident, check_offload, refuse_offloaded
+from ..eval.metric import compare_line
+from ..eval.perplexity import PERPLEXITY, PerplexitySums, window_nll
+from ..core.onload import HostOffload, Placement, check_offload, refuse_offloaded
 from ..families.hf_causal import (blockwise_logits, capture_block_inputs, load_causal_lm, named_blocks, non_block_modules,
                                   save_causal_lm)
 from ..families.hf_disk import DiskModel
 from ..errors import UserError
-from .common import adamw, record_train_loss, trainable_params
+from .training import adamw, record_train_loss, trainable_params
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class CausalLM(L.LightningModule):
         device_map: accelerate's device map for ``from_pretrained`` (``auto``, ``balanced``, or
             ``{module: device}``): one model over several accelerators, each block's work on its device.
     """
+
+    measures = (PERPLEXITY,)
 
     def __init__(
         self,
@@ -108,11 +111,11 @@ class CausalLM(L.LightningModule):
     def offloaded(self) -> bool:
         return self.hparams.offload != "none"
 
-    def placement(self) -> Resident:
+    def placement(self) -> Placement:
         """How the engine brings each block in (:mod:`wanda_pl.core.onload`); the embeddings, final
         norm and head stay on the accelerator."""
         if self.hparams.offload == "none":
-            return Resident()
+            return Placement()
         for name in non_block_modules(self.model):
             if self.hparams.offload == "cpu":
                 self.model.get_submodule(name).to(self.device)
@@ -187,11 +190,11 @@ class CausalLM(L.LightningModule):
         ppl = self._ppl.compute()
         if ppl is None:
             return
-        self._metrics = {"ppl": ppl}
+        self._metrics = {PERPLEXITY.name: ppl}
         # fp64 on the CPU: a python float would be logged as float32 and `validate` would print and
         # return a rounded perplexity, unlike the report's
-        self.log("ppl", torch.tensor(ppl, dtype=torch.float64), prog_bar=True, rank_zero_only=False, sync_dist=False,
-                 batch_size=1)
+        self.log(PERPLEXITY.name, torch.tensor(ppl, dtype=torch.float64), prog_bar=True, rank_zero_only=False,
+                 sync_dist=False, batch_size=1)
 
     def validation_metrics(self) -> Dict[str, float]:
         return dict(self._metrics)
@@ -277,12 +280,11 @@ class CausalLM(L.LightningModule):
 
         return len(lora.merge(self.model))
 
-    def metrics_report(self, dense: Optional[Dict[str, float]], pruned: Dict[str, float]) -> Dict[str, Any]:
-        return {"ppl_dense": None if dense is None else dense["ppl"], "ppl": pruned["ppl"]}
+    def measured_on(self, metrics: Dict[str, float]) -> Dict[str, Any]:
+        return {}  # the windows are the data section's
 
     def metrics_line(self, dense: Optional[Dict[str, float]], pruned: Dict[str, float]) -> str:
-        d = "n/a" if dense is None else f"{dense['ppl']:.3f}"
-        return f"perplexity dense {d}, pruned {pruned['ppl']:.3f}"
+        return compare_line(self.measures, dense, pruned)
 
     def save(self, folder, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """The (pruned) network as a Hugging Face folder that ``from_pretrained`` reloads.

@@ -19,12 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.hooks import BlockInput
-from ..core.onload import Resident
+from ..core.onload import Placement
 from ..core.patterns import check_patterns
-from ..eval.vision import Agreement, top_k_accuracy, validation_results
+from ..core.types import Blocks
+from ..eval.metric import compare_line
+from ..eval.vision import AGREEMENT, AGREEMENT_UNLABELLED, TOP1, TOP5, Agreement, top_k_accuracy, validation_results
 from ..families import timm as family
 from ..families import timm_build
-from .common import adamw, record_train_loss, trainable_params
+from .training import adamw, record_train_loss, trainable_params
 
 
 class Classifier(L.LightningModule):
@@ -51,6 +53,8 @@ class Classifier(L.LightningModule):
         learning_rate: for fine-tuning (``fit``).
         weight_decay: for fine-tuning (AdamW).
     """
+
+    measures = (TOP1, TOP5, AGREEMENT, AGREEMENT_UNLABELLED)
 
     def __init__(
         self,
@@ -93,27 +97,27 @@ class Classifier(L.LightningModule):
     def prunable_blocks(
         self, calibration: Optional[torch.Tensor], store_device="cpu", batch_size: Optional[int] = None
     ) -> Tuple[List[Tuple[str, nn.Module]], List[BlockInput]]:
-        """The units to prune in order and the calibration inputs of the first one, ``batch_size``
+        """The blocks to prune in order and the calibration inputs of the first one, ``batch_size``
         images per input (None: ``calibration_batch_size``)."""
         if calibration is not None and (calibration.dim() != 4 or calibration.shape[1] != 3):
             raise ValueError(f"calibration images must be (N, 3, H, W), got {tuple(calibration.shape)}")
         batches = [] if calibration is None else list(calibration.split(batch_size or self.hparams.calibration_batch_size))
-        units = self.units(batches[0][:1] if batches else None)
+        blocks = self.blocks(batches[0][:1] if batches else None)
         if calibration is None:
-            return units, []
-        first = units[0][1]
-        return units, family.first_inputs(self.model, first, batches, self.pixel_mean, self.pixel_std, store_device)
+            return blocks, []
+        first = blocks[0][1]
+        return blocks, family.first_inputs(self.model, first, batches, self.pixel_mean, self.pixel_std, store_device)
 
-    def placement(self) -> Resident:
+    def placement(self) -> Placement:
         """Vision models fit one device: no offloading."""
-        return Resident()
+        return Placement()
 
-    def units(self, probe: Optional[torch.Tensor] = None) -> List[Tuple[str, nn.Module]]:
-        """The block chain, or ``[("", model)]`` when it cannot be used (:func:`wanda_pl.families.timm.units`).
+    def blocks(self, probe: Optional[torch.Tensor] = None) -> Blocks:
+        """The block chain, or ``[("", model)]`` when it cannot be used (:func:`wanda_pl.families.timm.blocks`).
 
         ``probe``: one uint8 image to check the chain with (without one, the chain is trusted)."""
         x = None if probe is None else family.normalize(probe.to(self.device), self.pixel_mean, self.pixel_std)
-        return family.units(self.model, self.block_targets, x)
+        return family.blocks(self.model, self.block_targets, x)
 
     def block_targets(self, name: str, block: nn.Module) -> Dict[str, nn.Module]:
         hp = self.hparams
@@ -149,10 +153,10 @@ class Classifier(L.LightningModule):
         if self.agreement.reference is None and not self.masks:
             self.agreement.keep_as_reference()  # the dense top-1 of every image, from every rank
         self._metrics = validation_results(self.top1, self.top5, self.agreement)
-        for key in ("top1", "top5", "agreement"):
-            if self._metrics[key] is not None:
+        for metric in self.measures:
+            if self._metrics[metric.name] is not None:
                 # fp64: a python float is logged as float32 and `validate` would print a rounded value
-                self.log(key, torch.tensor(self._metrics[key], dtype=torch.float64), prog_bar=True,
+                self.log(metric.name, torch.tensor(self._metrics[metric.name], dtype=torch.float64), prog_bar=True,
                          rank_zero_only=False, sync_dist=False, batch_size=1)
 
     def validation_metrics(self) -> Dict[str, Any]:
@@ -195,25 +199,14 @@ class Classifier(L.LightningModule):
 
     # --- reporting ---
     @staticmethod
-    def metrics_report(dense: Optional[Dict[str, Any]], pruned: Dict[str, Any]) -> Dict[str, Any]:
-        def pair(key):
-            return {"dense": None if dense is None else dense.get(key), "pruned": pruned.get(key)}
+    def measured_on(metrics: Dict[str, Any]) -> Dict[str, Any]:
+        """How many images the metrics are over (every rank's), and how many of them labelled."""
+        return {"eval_counts": {"images": metrics.get("images"), "labelled": metrics.get("labelled")}}
 
-        accuracy = {"top1": pair("top1"), "top5": pair("top5"), "agreement": pair("agreement")}
-        if pruned.get("agreement_unlabelled") is not None:
-            accuracy["agreement_unlabelled"] = pair("agreement_unlabelled")
-        return {"accuracy": accuracy,
-                "eval_counts": {"images": pruned.get("images"), "labelled": pruned.get("labelled")}}
-
-    @staticmethod
-    def metrics_line(dense: Optional[Dict[str, Any]], pruned: Dict[str, Any]) -> str:
-        def fmt(m, key):
-            v = None if m is None else m.get(key)
-            return "n/a" if v is None else f"{100 * v:.2f}%"
-
-        return (f"top-1 dense {fmt(dense, 'top1')}, pruned {fmt(pruned, 'top1')}; "
-                f"top-5 dense {fmt(dense, 'top5')}, pruned {fmt(pruned, 'top5')}; "
-                f"agreement {fmt(pruned, 'agreement')} over {pruned.get('images')} images")
+    def metrics_line(self, dense: Optional[Dict[str, Any]], pruned: Dict[str, Any]) -> str:
+        # the dense model agrees with itself: its agreement goes without saying
+        return (f"{compare_line((TOP1, TOP5), dense, pruned)}; "
+                f"{AGREEMENT.short} {AGREEMENT.show(pruned.get(AGREEMENT.name))} over {pruned.get('images')} images")
 
     def save(self, folder, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """``model.safetensors`` (timm state_dict) + ``config.json``: reload with ``checkpoint_path=folder``."""

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 from ..core.hooks import BlockInput
-from ..core.onload import Resident
-
-Blocks = List[Tuple[str, nn.Module]]
+from ..core.onload import Placement
+from ..core.types import Blocks
+from ..eval.metric import Metric
 
 
 @runtime_checkable
@@ -35,18 +35,22 @@ class PrunableModule(Protocol):
         for ``calibration`` (none when it is None), ``batch_size`` samples per input (None: the
         module's default)."""
 
-    def placement(self) -> Resident:
+    def placement(self) -> Placement:
         """Where each block's weights come from for its turn (:mod:`wanda_pl.core.onload`)."""
 
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
         """The masks now applied (from the Pruning callback): e.g. masked LoRA updates skip them."""
 
     # --- measuring ---
-    def validation_metrics(self) -> Dict[str, Any]:
-        """The metrics of the last validation run (written by this module only)."""
+    measures: Tuple[Metric, ...]  # the declared metrics (wanda_pl.eval.metrics) its validation measures
 
-    def metrics_report(self, dense: Optional[Dict[str, Any]], pruned: Dict[str, Any]) -> Dict[str, Any]:
-        """The report's ``results`` section for dense and pruned ``validation_metrics()``."""
+    def validation_metrics(self) -> Dict[str, Any]:
+        """The metrics of the last validation run (written by this module only), by their declared
+        names, and whatever else the run counted."""
+
+    def measured_on(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
+        """What the report keeps beside the declared metrics of ``validation_metrics()``: what they
+        were measured over, where the data section does not say it (a classifier's image counts)."""
 
     def metrics_line(self, dense: Optional[Dict[str, Any]], pruned: Dict[str, Any]) -> str:
         """One console line comparing dense and pruned."""

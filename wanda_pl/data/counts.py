@@ -1,13 +1,10 @@
-"""What both datamodules share: each rank's share of the items, and the checks of their counts."""
+"""What both datamodules share: this rank's items (:func:`wanda_pl.core.distributed.share`) and the
+checks of their counts."""
 from __future__ import annotations
 
 from typing import List, Tuple
 
-
-def shard(n: int, rank: int, world: int) -> range:
-    """Items ``rank, rank + world, ...``: every item on exactly one rank, none repeated (a
-    DistributedSampler pads with duplicates, which would bias a perplexity)."""
-    return range(rank, n, world)
+from ..core.distributed import share
 
 
 def rank_world(trainer) -> Tuple[int, int]:
@@ -17,7 +14,7 @@ def rank_world(trainer) -> Tuple[int, int]:
 
 def my_share(n: int, trainer) -> List[int]:
     """This process's item indices (all of them without a trainer or with one process)."""
-    return list(shard(n, *rank_world(trainer)))
+    return list(share(n, *rank_world(trainer)))
 
 
 def check_at_least(**values) -> None:

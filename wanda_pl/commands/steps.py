@@ -20,9 +20,6 @@ class Evaluation:
     zero_shot: Optional[Dict[str, Any]] = None
     seconds: float = 0.0
 
-    def as_dict(self) -> Dict[str, Any]:
-        return {**self.metrics, **({"zero_shot": self.zero_shot} if self.zero_shot is not None else {})}
-
 
 def evaluate(trainer, model, datamodule, zero_shot=None) -> Evaluation:
     """Run Lightning's validation (every rank) and collect what each party measured."""
