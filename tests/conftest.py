@@ -59,6 +59,9 @@ def tiny_config(family: str, vocab_size: int = 256):
     if family == "gemma2":  # alternating sliding-window / full attention: blocks get different masks
         return tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2, head_dim=16, sliding_window=8, **common)
+    if family == "mixtral":  # Mixture-of-Experts: its experts are fused 3-D parameters, not nn.Linear
+        return tf.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **common)
     raise ValueError(family)
 
 

@@ -263,6 +263,11 @@ def test_disk_output_reloads_with_the_reported_perplexity(tiny_dirs, text_file, 
     assert module.validation_metrics()["ppl"] == pytest.approx(report["metrics"]["ppl"]["pruned"], rel=1e-6)
     sparsity = [float((m.weight == 0).float().mean()) for m in module.all_targets().values()]
     assert report["actual_sparsity"] == pytest.approx(sum(sparsity) / len(sparsity), abs=1e-3)
+    # coverage, counted on disk while the blocks were not in memory, is what the written model holds
+    from wanda_pl.training.sharding import weight_sparsity
+
+    assert weight_sparsity(module, module.all_targets()) == {k: report[k] for k in (
+        "target_coverage", "sparsity_block_weights", "sparsity_model")}
     # the masks, one file per block (never all in memory while pruning), read back as one set
     from wanda_pl.training.masks import load_masks
 

@@ -97,6 +97,9 @@ def model_card(report: Mapping[str, Any], where: str) -> str:
              f"allocation {report.get('allocation')}) |",
              f"| sparsity | target {report.get('sparsity_ratio')} {stype}; actual {_pct(sparsity)} of the "
              f"prunable weights ({len(report.get('layers') or {})} layers) |",
+             f"| coverage | the prunable weights are {_pct(report.get('target_coverage'))} of the blocks' weights; "
+             f"sparsity {_pct(report.get('sparsity_block_weights'))} over all block weights, "
+             f"{_pct(report.get('sparsity_model'))} over every weight of the model |",
              f"| calibration | {report.get('nsamples')} samples"
              + (f" x {report.get('seqlen')} tokens" if report.get("seqlen") else "")
              + f" of {report.get('calibration')}, seed {report.get('seed')} |",

@@ -25,7 +25,7 @@ from ..callbacks.lookup import find_callback
 from ..modules.protocol import require
 from ..training import lora
 from ..training.masks import MASKS_FILE, save_masks
-from ..training.sharding import full_state_dict, layer_sparsity, overall_sparsity
+from ..training.sharding import full_state_dict, layer_sparsity, overall_sparsity, weight_sparsity
 from .card import write_card
 from .steps import environment, evaluate, lightning_writes, staged_output
 from .outputs import check_output_dir, run_inputs
@@ -164,6 +164,7 @@ def _report(trainer, model, datamodule, pruning, masks, training, pair, sparsity
         results={
             "sparsity_before": sparsity_before,
             "sparsity_after": overall_sparsity(targets),
+            **weight_sparsity(model, targets),
             **measured(before, after, FIT_SIDES),
             **model.measured_on(after.metrics),
         },

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping
 
-from .report import headline
+from .report import COVERAGE, headline
 
 
 def _flat(prefix: str, value: Any, out: Dict[str, Any]) -> None:
@@ -17,8 +17,8 @@ def _flat(prefix: str, value: Any, out: Dict[str, Any]) -> None:
 
 def run_metrics(report: Mapping[str, Any]) -> Dict[str, float]:
     """Dense and pruned metrics, actual and target sparsity, timings and per-layer sparsity."""
-    numbers: Dict[str, Any] = {**headline(report), "actual_sparsity": report.get("actual_sparsity"),
-                               "sparsity_ratio": report.get("sparsity_ratio")}
+    numbers: Dict[str, Any] = {**headline(report), **{k: report.get(k) for k in COVERAGE},
+                               "actual_sparsity": report.get("actual_sparsity"), "sparsity_ratio": report.get("sparsity_ratio")}
     _flat("time_s", report.get("time_s") or {}, numbers)
     _flat("sparsity", report.get("layers") or {}, numbers)
     return {k: float(v) for k, v in numbers.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -31,7 +31,7 @@ from .loggers import log_run
 from .outputs import check_output_dir, run_inputs
 from .plots import layers_png
 from .resume import checkpoints_for
-from ..training.sharding import layer_sparsity, overall_sparsity
+from ..training.sharding import layer_sparsity, overall_sparsity, weight_sparsity
 from .report import assemble, measured, method_label, sparsity_table, write_json
 
 PERMUTATIONS_FILE = "permutations.pt"
@@ -128,6 +128,7 @@ def _report(trainer, model, datamodule, settings, result, pair, config, sections
         method=settings.describe(),
         data=datamodule.describe(),
         results={"actual_sparsity": disk.overall_sparsity(targets) if disk else overall_sparsity(targets),
+                 **weight_sparsity(model, targets, disk.weight_zeros if disk else None),
                  "calibration_samples_per_rank": result.samples_per_rank,
                  **({"resumed_from_block": result.resumed_from} if result.resumed_from else {}),
                  **({"permutations": PERMUTATIONS_FILE} if result.permutations else {}),

@@ -18,6 +18,9 @@ from ..eval.metrics import METRICS
 from ..eval.results import declared as zero_shot_declared
 from .outputs import TMP_TAG
 
+# What every report says of its coverage (core.coverage): sweeps' rows and loggers take them as they are.
+COVERAGE = ("target_coverage", "sparsity_block_weights", "sparsity_model")
+
 
 def assemble(**sections: Mapping[str, Any]) -> Dict[str, Any]:
     """One flat report from named sections (``model``, ``method``, ``data``, ``results``, ...), in

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from ..eval.metrics import METRICS
 from .plots import metric_png
 from .machine import hardware
-from .report import atomic_write, headline, versions, write_json
+from .report import COVERAGE, atomic_write, headline, versions, write_json
 
 SETTINGS = ("model", "model_path", "dtype", "calibration", "evaluation", "nsamples", "seqlen", "seed",
             "max_eval_windows", "eval_windows", "eval_images")
@@ -24,7 +24,7 @@ def row_of(point, report: Mapping[str, Any], resumed: bool = False) -> Dict[str,
         "point": point.name, "method": point.method, "update": report.get("update"),
         "allocation": report.get("allocation"),
         "sparsity_type": report["sparsity_type"], "sparsity_ratio": report["sparsity_ratio"],
-        "actual_sparsity": report["actual_sparsity"], **headline(report),
+        "actual_sparsity": report["actual_sparsity"], **{k: report.get(k) for k in COVERAGE}, **headline(report),
         **{f"time_{k}_s": v for k, v in times.items()},
         "resumed": resumed,
     }

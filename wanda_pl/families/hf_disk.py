@@ -105,6 +105,15 @@ class DiskModel:
             out[name] = (int((w == 0).sum()), w.numel())
         return out
 
+    def weight_zeros(self, name: str, weight: torch.Tensor) -> int:
+        """Zeros of the parameter ``name``: read from its shard while its block is not in memory."""
+        if not weight.is_meta:
+            return int((weight.detach() == 0).sum())
+        from safetensors import safe_open
+
+        with safe_open(str(self.index[name]), framework="pt", device="cpu") as f:
+            return int((f.get_tensor(name) == 0).sum())
+
     def layer_sparsity(self, targets: Dict[str, nn.Module]) -> Dict[str, float]:
         return {n: z / size for n, (z, size) in self._zeros(targets).items()}
 

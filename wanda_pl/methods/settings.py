@@ -11,6 +11,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from ..core import correction
 from ..core.allocation import Allocation
+from ..core.coverage import check_coverage, coverage
 from ..core.engine import check_targets, needs_activations
 from ..core.method import Method
 from ..core.plan import Plan, uniform
@@ -83,12 +84,15 @@ class PruningSettings:
         }
 
     def check(self, pl_module) -> None:
-        """Fail early where a layer cannot take the sparsity (M does not divide it), a profile or a bias correction."""
+        """Fail early where a layer cannot take the sparsity (M does not divide it), a profile or a bias
+        correction, and where default targets leave most of the blocks' weights out (:mod:`core.coverage`)."""
         targets = pl_module.all_targets()
         blocks, _ = pl_module.prunable_blocks(None)
         owl = self.allocation.needs_activations  # its plan needs the dense pass: checked as uniform here
         check_targets(targets, uniform(self.spec, targets) if owl else
                       self.allocation.plan(self.spec, blocks, (), pl_module.block_targets))
+        explicit = (getattr(pl_module, "hparams", None) or {}).get("targets") is not None
+        check_coverage(coverage(blocks, targets), explicit)
         if self.bias_correction:
             correction.check_possible(targets, [pl_module])
 

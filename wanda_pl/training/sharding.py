@@ -47,6 +47,20 @@ def overall_sparsity(targets: Mapping[str, nn.Module]) -> float:
     return zeros / max(total, 1)
 
 
+def weight_sparsity(model, targets: Mapping[str, nn.Module], zeros=None) -> Dict[str, float]:
+    """The report's coverage numbers (:mod:`wanda_pl.core.coverage`): the share of the blocks' weights
+    the targets are, and the zeros over all block weights and over every weight of the model.
+    ``zeros(name, weight)`` counts one weight where it is not in memory (offload disk); every rank
+    must call this (sharded weights are counted by a collective)."""
+    from ..core.coverage import block_weights, coverage, model_weights, zero_share
+
+    blocks, _ = model.prunable_blocks(None)
+    count = zeros or (lambda name, w: count_zeros(w))
+    return {"target_coverage": round(coverage(blocks, targets).share, 6),
+            "sparsity_block_weights": zero_share(block_weights(blocks), count),
+            "sparsity_model": zero_share(model_weights(model.model), count)}
+
+
 def local_mask(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The part of a full-shape ``mask`` that lies on this rank's shard of ``weight``, on its device."""
     if not is_dtensor(weight):

@@ -1,0 +1,80 @@
+"""Coverage: which share of a model's weights the targets are, so no report states a sparsity the
+model does not have.
+
+A Mixture-of-Experts block keeps its experts as fused 3-D parameters, not ``nn.Linear`` modules: a
+run that prunes only the attention's linears there prunes about a tenth of the block and would
+still print "actual sparsity 0.5000". So every run measures its targets against the *block
+weights* (every parameter of two or more dimensions inside the repeated blocks: linears, convs,
+fused experts; norms and biases are 1-D and excluded) and a run whose default targets cover less
+than half of them is refused before any work, naming the largest weights left out. Reports give
+the sparsity over the targets, over all block weights and over every weight of the model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from .types import Blocks
+
+LEAST = 0.5  # the share of block weights default targets must cover
+SHOWN = 4  # the largest weights left out, named in the refusal
+
+
+def block_weights(blocks: Blocks) -> Dict[str, nn.Parameter]:
+    """Every parameter of two or more dimensions inside the blocks, by its name in the model."""
+    out: Dict[str, nn.Parameter] = {}
+    for name, block in blocks:
+        for pname, p in block.named_parameters():
+            if p.dim() >= 2:
+                out[f"{name}.{pname}" if name else pname] = p
+    return out
+
+
+@dataclass(frozen=True)
+class Coverage:
+    block_weights: int  # elements of all block weights
+    covered: int  # of those, in the targets' weights
+    left_out: Tuple[Tuple[str, Tuple[int, ...], int], ...]  # (name, shape, elements), largest first
+
+    @property
+    def share(self) -> float:
+        return self.covered / max(self.block_weights, 1)
+
+
+def coverage(blocks: Blocks, targets: Mapping[str, nn.Module]) -> Coverage:
+    weights = block_weights(blocks)
+    mine = {id(m.weight) for m in targets.values()}
+    covered = sum(p.numel() for p in weights.values() if id(p) in mine)
+    left = sorted(((n, tuple(p.shape), p.numel()) for n, p in weights.items() if id(p) not in mine),
+                  key=lambda t: -t[2])
+    return Coverage(sum(p.numel() for p in weights.values()), covered, tuple(left))
+
+
+def check_coverage(cov: Coverage, explicit_targets: bool) -> None:
+    """Refuse default targets covering less than :data:`LEAST` of the block weights; explicit
+    targets (``--model.targets``) mean it and run."""
+    if explicit_targets or cov.share >= LEAST:
+        return
+    shown = ", ".join(f"{n} {list(s)} ({e / cov.block_weights:.0%})" for n, s, e in cov.left_out[:SHOWN])
+    fused = any(len(s) >= 3 and "expert" in n for n, s, _ in cov.left_out)
+    why = ("fused Mixture-of-Experts weights are not nn.Linear modules, so no method prunes them yet; "
+           if fused else "")
+    raise UserError(
+        f"the prunable layers cover {cov.share:.1%} of the weights in the model's blocks, so a report would "
+        f"state a sparsity the model does not have: {why}largest left out: {shown}. Target them, or set "
+        f"--model.targets to the layers you mean to prune (an explicit list runs and is reported with its "
+        f"coverage)")
+
+
+def zero_share(weights: Mapping[str, torch.Tensor], zeros: Callable[[str, torch.Tensor], int]) -> float:
+    """Zeros over all elements of ``weights``, each counted by ``zeros(name, weight)``."""
+    total = sum(w.numel() for w in weights.values())
+    return sum(zeros(n, w) for n, w in weights.items()) / max(total, 1)
+
+
+def model_weights(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """Every parameter of two or more dimensions of the whole model (tied ones once)."""
+    return {n: p for n, p in model.named_parameters() if p.dim() >= 2}
