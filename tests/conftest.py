@@ -59,9 +59,19 @@ def tiny_config(family: str, vocab_size: int = 256):
     if family == "gemma2":  # alternating sliding-window / full attention: blocks get different masks
         return tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2, head_dim=16, sliding_window=8, **common)
-    if family == "mixtral":  # Mixture-of-Experts: its experts are fused 3-D parameters, not nn.Linear
-        return tf.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **common)
+    # Mixture-of-Experts: experts fused into 3-D gate_up_proj / down_proj parameters (transformers 5)
+    moe = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               num_experts_per_tok=2, **common)
+    if family == "mixtral":
+        return tf.MixtralConfig(intermediate_size=96, num_local_experts=4, **moe)
+    if family == "qwen2_moe":  # + a shared expert and its one-output gate
+        return tf.Qwen2MoeConfig(intermediate_size=96, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                                 num_experts=4, **moe)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=48, num_experts=4, head_dim=16, **moe)
+    if family == "olmoe":
+        return tf.OlmoeConfig(intermediate_size=48, num_experts=4, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+                              **moe)
     raise ValueError(family)
 
 
@@ -102,16 +112,20 @@ def tokenizer():
     return make_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory, tokenizer):
+def saved_tiny(tmp_path_factory, tokenizer, families) -> dict:
     """family -> a saved Hugging Face folder (model + tokenizer)."""
     out = {}
-    for family in FAMILIES:
+    for family in families:
         d = tmp_path_factory.mktemp(f"tiny-{family}")
         tiny_model(family).save_pretrained(d)
         tokenizer.save_pretrained(d)
         out[family] = d
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, tokenizer):
+    return saved_tiny(tmp_path_factory, tokenizer, FAMILIES)
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,19 @@
 """Coverage: no report states a sparsity the model does not have. A Mixture-of-Experts model keeps its
-experts as fused 3-D parameters that no method prunes yet; pruning only its attention used to succeed
-and print "actual sparsity 0.5000" with every expert dense."""
+experts as fused 3-D parameters; before wanda_pl knew them, pruning only its attention succeeded and
+printed "actual sparsity 0.5000" with every expert dense. A fused layout it does not know is refused."""
 import json
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import run_cli, tiny_model
+from conftest import run_cli, saved_tiny, tiny_model
 from wanda_pl.core.coverage import block_weights, check_coverage, coverage
 
 
 @pytest.fixture(scope="module")
 def mixtral_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny-mixtral")
-    tiny_model("mixtral").save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
+    return saved_tiny(tmp_path_factory, tokenizer, ["mixtral"])["mixtral"]
 
 
 def test_coverage_counts_every_block_weight_of_two_or_more_dimensions():
@@ -33,13 +30,17 @@ def test_coverage_counts_every_block_weight_of_two_or_more_dimensions():
     check_coverage(coverage(blocks, {"b.0.0": block[0], "b.0.2": block[2]}), explicit_targets=False)
 
 
-def test_a_moe_model_whose_experts_no_method_prunes_is_refused_before_any_work(mixtral_dir, text_file, tmp_path):
+def test_a_moe_model_whose_experts_no_method_prunes_is_refused_before_any_work(mixtral_dir, text_file, tmp_path,
+                                                                              monkeypatch):
     from test_cli import base_args
+    from wanda_pl.core import layers
+
+    monkeypatch.setattr(layers, "is_fused_experts", lambda module: False)  # as before experts were known
 
     out = tmp_path / "out"
     error, _ = run_cli(base_args(mixtral_dir, text_file, out, "--pruning.method", "wanda"))
     assert error is not None and error.startswith("exit 2")  # a user error: one line, exit code 2
-    for part in ("cover 14.", "mlp.experts.gate_up_proj [4, 192, 64]", "fused Mixture-of-Experts", "--model.targets"):
+    for part in ("cover 14.", "mlp.experts.gate_up_proj [4, 192, 64]", "not a layout wanda_pl knows", "--model.targets"):
         assert part in error, (part, error)
     assert not out.exists()
 

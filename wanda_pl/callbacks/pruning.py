@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from ..core.engine import NoCheckpoints, PruneResult, merge_resumed, prune_sequential
 from ..methods import METHODS, STEP_KINDS, options, step_names
 from ..methods.settings import GENERAL, PruningSettings
-from ..training.masks import check_strategy, mask_files, masks_from, with_zeros
+from ..training.masks import check_strategy, mask_files, masks_from, parameters_and_masks, with_zeros
 from ..training.sharding import is_dtensor, is_sharded, local, local_mask, overall_sparsity
 from .calibration import Calibration
 from .lookup import find_callback
@@ -49,11 +49,13 @@ class Pruning(Callback):
                  sparsity_type: str = "unstructured", refine: str = "none", update: str = "none",
                  bias_correction: bool = False, allocation: str = "uniform", owl_m: float = 5.0,
                  owl_lambda: float = 0.08,
-                 profile: Optional[Union[List[float], Dict[str, float]]] = None, enabled: bool = False, masks_from: Optional[str] = None,
+                 profile: Optional[Union[List[float], Dict[str, float]]] = None,
+                 min_expert_tokens: Optional[int] = None, rare_experts: str = "magnitude", enabled: bool = False, masks_from: Optional[str] = None,
                  **method_options: Any) -> None:
         given = dict(method=method, sparsity_ratio=sparsity_ratio, sparsity_type=sparsity_type, refine=refine,
                      update=update, bias_correction=bias_correction, allocation=allocation, owl_m=owl_m,
-                     owl_lambda=owl_lambda, profile=profile)
+                     owl_lambda=owl_lambda, profile=profile, min_expert_tokens=min_expert_tokens,
+                     rare_experts=rare_experts)
         self.settings = PruningSettings.from_args(**given, **method_options)
         if masks_from is not None and masks_from != "zeros":
             if not mask_files(masks_from):
@@ -118,7 +120,7 @@ class Pruning(Callback):
             blocks, inputs, pl_module.block_targets, settings.method, plan, settings.options,
             bias_correction=settings.bias_correction, propagate=calib.propagate, store_device=store,
             progress=trainer.is_global_zero, placement=placement, start=start, on_block=ckpt.save,
-            keep_masks=getattr(ckpt, "keep_masks", True),
+            keep_masks=getattr(ckpt, "keep_masks", True), rare=settings.rare,
         )
         merge_resumed(done, result, start)
         result.samples_per_rank = shares
@@ -211,8 +213,7 @@ class Pruning(Callback):
     # --- keeping masks ---
     def _params(self, pl_module):
         # Mask names are relative to the wrapped network (``pl_module.model``).
-        for name, mask in self.masks.items():
-            yield pl_module.model.get_submodule(name).weight, mask
+        return parameters_and_masks(pl_module.model, self.masks)
 
     @torch.no_grad()
     def apply(self, pl_module) -> None:
@@ -260,6 +261,10 @@ def _docstring() -> str:
         "owl_m": "OWL's outlier threshold, in multiples of a block's mean Wanda score.",
         "owl_lambda": "OWL's spread: the blocks' sparsities span ``2 * owl_lambda`` around ``sparsity_ratio``.",
         "profile": "with ``allocation: profile``: a sparsity per block (a list) or per layer (regex -> ratio).",
+        "min_expert_tokens": "Mixture-of-Experts: an expert that calibration routed fewer tokens to is rare (unset: "
+                             "as many as the expert's layer has inputs for methods solving with X^T X, else 1).",
+        "rare_experts": "what a rare expert gets: ``magnitude`` (default), ``dense`` (left unpruned) or ``error``; "
+                        "the report lists them (``rare_expert_layers``).",
         "enabled": "prune when ``validate`` or ``fit`` starts (``prune`` and ``sweep`` prune as their own step).",
         "masks_from": "take the masks instead of computing them: ``zeros`` (the zeros of an already pruned "
                       "model) or a mask file (``masks.pt``, or its folder). ``fit`` uses them even without "

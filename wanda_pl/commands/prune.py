@@ -20,6 +20,7 @@ import torch
 from ..callbacks import Pruning, ZeroShot
 from ..callbacks.lookup import find_callback
 from ..core.distributed import check_calibration_shares
+from ..core.layers.experts import expert_tokens, has_experts
 from ..core.plan import describe as describe_plan
 from ..eval.zero_shot import format_table
 from ..methods.settings import PruningSettings
@@ -132,6 +133,8 @@ def _report(trainer, model, datamodule, settings, result, pair, config, sections
                  "calibration_samples_per_rank": result.samples_per_rank,
                  **({"resumed_from_block": result.resumed_from} if result.resumed_from else {}),
                  **({"permutations": PERMUTATIONS_FILE} if result.permutations else {}),
+                 **({"expert_tokens": expert_tokens(targets, result.tokens), "rare_expert_layers": result.rare}
+                    if has_experts(targets) else {}),
                  **_results(model, dense, pruned)},
         timing={"time_s": {
             "calibration": round(result.calibration_data_s + result.forward_s, 3),

@@ -168,6 +168,8 @@ class BlockCheckpoints:
                 done.masks.update(saved["masks"])
             done.plan.update(saved["plan"])
             done.permutations.update(saved.get("permutations", {}))
+            done.tokens.update(saved.get("tokens", {}))
+            done.rare.update(saved.get("rare", {}))
         hidden = torch.load(self.folder / f"inputs-{start - 1:05d}.rank{self.rank}.pt", weights_only=True)
         if len(hidden) != len(inputs):
             raise UserError(f"--resume: the staging folder holds {len(hidden)} calibration batches for rank "
@@ -195,7 +197,9 @@ class BlockCheckpoints:
                 state = {k: t.detach().cpu().contiguous() for k, t in block.state_dict().items()}
                 _atomic(self.folder / f"block-{index:05d}.safetensors", lambda p: save_file(state, str(p)))
             masks = {"masks": {n: result.masks[n] for n in names}, "plan": {n: result.plan[n] for n in names},
-                     "permutations": {n: result.permutations[n] for n in names if n in result.permutations}}
+                     "permutations": {n: result.permutations[n] for n in names if n in result.permutations},
+                     "tokens": {n: result.tokens[n] for n in names if n in result.tokens},
+                     "rare": {n: result.rare[n] for n in names if n in result.rare}}
             _atomic(self.folder / f"masks-{index:05d}.pt", lambda p: torch.save(masks, p))
         hidden = [inp.hidden for inp in inputs]
         _atomic(self.folder / f"inputs-{index:05d}.rank{self.rank}.pt", lambda p: torch.save(hidden, p))

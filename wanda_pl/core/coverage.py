@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from .layers import parameter_of
 from .types import Blocks
 
 LEAST = 0.5  # the share of block weights default targets must cover
@@ -45,12 +46,17 @@ class Coverage:
 
 
 def coverage(blocks: Blocks, targets: Mapping[str, nn.Module]) -> Coverage:
+    """The targets' share of the block weights (an expert's slice covers its part of the fused parameter)."""
     weights = block_weights(blocks)
-    mine = {id(m.weight) for m in targets.values()}
-    covered = sum(p.numel() for p in weights.values() if id(p) in mine)
-    left = sorted(((n, tuple(p.shape), p.numel()) for n, p in weights.items() if id(p) not in mine),
+    inside = {id(p) for p in weights.values()}
+    covered: Dict[int, int] = {}
+    for m in targets.values():
+        p = parameter_of(m)
+        if id(p) in inside:
+            covered[id(p)] = covered.get(id(p), 0) + m.weight.numel()
+    left = sorted(((n, tuple(p.shape), p.numel()) for n, p in weights.items() if id(p) not in covered),
                   key=lambda t: -t[2])
-    return Coverage(sum(p.numel() for p in weights.values()), covered, tuple(left))
+    return Coverage(sum(p.numel() for p in weights.values()), sum(covered.values()), tuple(left))
 
 
 def check_coverage(cov: Coverage, explicit_targets: bool) -> None:
@@ -59,9 +65,9 @@ def check_coverage(cov: Coverage, explicit_targets: bool) -> None:
     if explicit_targets or cov.share >= LEAST:
         return
     shown = ", ".join(f"{n} {list(s)} ({e / cov.block_weights:.0%})" for n, s, e in cov.left_out[:SHOWN])
-    fused = any(len(s) >= 3 and "expert" in n for n, s, _ in cov.left_out)
-    why = ("fused Mixture-of-Experts weights are not nn.Linear modules, so no method prunes them yet; "
-           if fused else "")
+    fused = any(len(s) >= 3 for _, s, _ in cov.left_out)
+    why = ("its fused weights are not a layout wanda_pl knows (Mixture-of-Experts experts are pruned when "
+           "they are gate_up_proj / down_proj of shape (experts, out, in)); " if fused else "")
     raise UserError(
         f"the prunable layers cover {cov.share:.1%} of the weights in the model's blocks, so a report would "
         f"state a sparsity the model does not have: {why}largest left out: {shown}. Target them, or set "

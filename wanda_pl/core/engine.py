@@ -40,6 +40,7 @@ from .plan import Plan, plan_for
 from .precision import as_compute
 from .sparsity import SparsitySpec
 from .layers import param_mask, weight_matrix
+from .layers.experts import RareExperts
 from .method import Method, unpack
 from .types import TargetsFn
 
@@ -62,6 +63,8 @@ class PruneResult:
     total_s: float = 0.0  # from the calibration data to the last block (set by the caller)
     samples_per_rank: List[int] = field(default_factory=list)  # calibration samples each rank ran (set by the caller)
     resumed_from: int = 0  # the first block this process pruned (> 0: a resumed run)
+    tokens: Dict[str, int] = field(default_factory=dict)  # name -> calibration tokens it saw (all ranks)
+    rare: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # rare experts' slices: tokens, what they took
 
 
 class NoCheckpoints:
@@ -83,6 +86,7 @@ def merge_resumed(done: PruneResult, result: PruneResult, start: int) -> None:
     """``result`` of a run resumed at block ``start`` made whole with the blocks ``done`` before it."""
     result.masks, result.plan = {**done.masks, **result.masks}, {**done.plan, **result.plan}
     result.permutations = {**done.permutations, **result.permutations}
+    result.tokens, result.rare = {**done.tokens, **result.tokens}, {**done.rare, **result.rare}
     result.resumed_from = start
 
 
@@ -109,11 +113,13 @@ def needs_activations(method: Method, bias_correction: bool = False) -> bool:
 def prune_layers(
     targets: Dict[str, nn.Module], stats: Dict, method: Method, plan: Union[SparsitySpec, Plan], options: Any,
     result: PruneResult, sinks: Optional[Dict[str, nn.Module]] = None, bias_correction: bool = False,
+    rare: Optional[RareExperts] = None,
 ) -> None:
     """Compute and apply every target's mask in place (weights keep their dense shape and dtype).
 
     ``options``: the method's own (None: its defaults). With ``bias_correction``, ``sinks`` (from
-    :func:`correction.find_sinks`) say where each layer's mean shift goes."""
+    :func:`correction.find_sinks`) say where each layer's mean shift goes. ``rare``: what an MoE
+    expert that calibration barely reached gets instead (magnitude, or left dense; listed in the result)."""
     plan = plan_for(plan, targets)
     options = method.options() if options is None else options
     if bias_correction:
@@ -121,11 +127,18 @@ def prune_layers(
     for name, module in targets.items():
         w = weight_matrix(module)
         st = stats.get(name)
+        run, opts = method, options
+        if rare is not None and rare.rare(name, module, st, method.needs_hessian):
+            result.rare[name] = {"tokens": int(st.tokens), "took": rare.action}
+            if rare.action == "dense":
+                result.masks[name], result.plan[name] = torch.zeros(w.shape, dtype=torch.bool), plan[name]
+                continue
+            run, opts = rare.fallback, rare.fallback.options()
         if bias_correction:
             old_w = as_compute(w.detach()).clone()
             st = st.centered()
         t0 = time.perf_counter()
-        mask, new_w, perm = unpack(method(as_compute(w.detach()), st, plan[name], options))
+        mask, new_w, perm = unpack(run(as_compute(w.detach()), st, plan[name], opts))
         if w.is_cuda:
             torch.cuda.synchronize(w.device)
         result.method_s += time.perf_counter() - t0
@@ -157,6 +170,7 @@ def prune_sequential(
     start: int = 0,
     on_block: Optional[OnBlock] = None,
     keep_masks: bool = True,
+    rare: Optional[RareExperts] = None,
 ) -> PruneResult:
     """Prune ``blocks`` in order; ``inputs`` are the captured inputs of the first block; ``plan``
     gives each layer its sparsity (one spec: all of them); ``options`` are the method's.
@@ -165,7 +179,8 @@ def prune_sequential(
     before it (a resumed run: ``inputs`` are then those entering block ``start``); ``on_block(i,
     name, block, inputs, result)`` runs after each block is final and given back (checkpoints);
     without ``keep_masks`` a block's masks are dropped after it (the checkpoints hold them: a model
-    offloaded to disk must not hold a byte per weight of its whole depth). Under
+    offloaded to disk must not hold a byte per weight of its whole depth); ``rare``: what MoE experts
+    that calibration barely reached get (:class:`RareExperts`). Under
     ``torch.distributed`` each rank passes its share of the samples: statistics are summed over
     the ranks before any mask is chosen, and the masks checked equal on every rank."""
     result = PruneResult()
@@ -184,7 +199,7 @@ def prune_sequential(
         placement.enter(name, block)
         if active:
             _calibrate_and_prune(block, targets, inputs, method, {n: plan[n] for n in targets}, options, result,
-                                 bias_correction, propagate, store_device)
+                                 bias_correction, propagate, store_device, rare)
         else:
             prune_layers(targets, {}, method, {n: plan[n] for n in targets}, options, result)
         check_same(name, {n: result.masks[n] for n in targets})
@@ -199,7 +214,7 @@ def prune_sequential(
 
 
 def _calibrate_and_prune(block, targets, inputs, method, plan, options, result, bias_correction, propagate,
-                         store_device) -> None:
+                         store_device, rare=None) -> None:
     """One block's turn: pass 1 (statistics, summed over ranks), its masks, pass 2; ``inputs`` then
     hold what enters the next block."""
     device = _device(block, store_device)
@@ -209,7 +224,8 @@ def _calibrate_and_prune(block, targets, inputs, method, plan, options, result, 
         outs = [inp.call(block, device).to(store_device) for inp in inputs]
     sum_stats(stats)
     result.forward_s += time.perf_counter() - t0
-    prune_layers(targets, stats, method, plan, options, result, sinks, bias_correction)
+    result.tokens.update({n: int(s.tokens) for n, s in stats.items()})  # an MoE expert: the tokens routed to it
+    prune_layers(targets, stats, method, plan, options, result, sinks, bias_correction, rare)
     del stats
     if propagate:
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@ from typing import Any, Dict, Mapping, Optional
 from ..core import correction
 from ..core.allocation import Allocation
 from ..core.coverage import check_coverage, coverage
+from ..core.layers.experts import RareExperts
 from ..core.engine import check_targets, needs_activations
 from ..core.method import Method
 from ..core.plan import Plan, uniform
@@ -22,7 +23,8 @@ from .wanda import wanda_score
 
 # The settings every pruning has, beside the methods' own options (their defaults are the CLI's).
 GENERAL = dict(method="wanda", sparsity_ratio=None, sparsity_type="unstructured", refine="none", update="none",
-               bias_correction=False, allocation="uniform", owl_m=5.0, owl_lambda=0.08, profile=None)
+               bias_correction=False, allocation="uniform", owl_m=5.0, owl_lambda=0.08, profile=None,
+               min_expert_tokens=None, rare_experts="magnitude")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class PruningSettings:
     method: Method  # composed with its steps
     options: Any  # the method's (and its steps') options, checked
     allocation: Allocation
+    rare: RareExperts  # what MoE experts that calibration barely reached get
 
     @classmethod
     def from_args(cls, **given: Any) -> "PruningSettings":
@@ -56,7 +59,8 @@ class PruningSettings:
             method.check(chosen, spec, refine)
         allocation = Allocation(args["allocation"], args["owl_m"], args["owl_lambda"], args["profile"])
         allocation.check(spec)
-        return cls(args, spec, method, chosen, allocation)
+        rare = RareExperts(args["min_expert_tokens"], args["rare_experts"], get_method("magnitude"))
+        return cls(args, spec, method, chosen, allocation, rare)
 
     def replace(self, **changes: Any) -> "PruningSettings":
         return PruningSettings.from_args(**{**self.args, **changes})
@@ -81,6 +85,8 @@ class PruningSettings:
             **hessian,
             "method_options": self.method.describe_options(self.options),  # all the method itself reads
             **self.allocation.describe(),
+            # only when set: the fingerprints of earlier sweep points (made from this) stay what they were
+            **{k: a[k] for k in ("min_expert_tokens", "rare_experts") if a[k] != GENERAL[k]},
         }
 
     def check(self, pl_module) -> None:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.layers import is_prunable
+from ..core.layers import is_prunable, weight_of
 from .masks import MASKS_FILE, load_masks, save_masks
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -228,7 +228,7 @@ def masked_nonzero(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> int:
 
     n = 0
     for name, mask in masks.items():
-        w = full(model.get_submodule(name).weight.detach())  # sharded: gathered (every rank calls this)
+        w = full(weight_of(model, name).detach())  # sharded: gathered (every rank calls this)
         n += int((w[mask.to(w.device)] != 0).sum())
     return n
 

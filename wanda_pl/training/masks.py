@@ -12,6 +12,7 @@ from typing import List, Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from ..core.layers import weight_of
 from ..errors import UserError
 from .sharding import full
 
@@ -122,12 +123,32 @@ def with_zeros(masks: Mapping[str, torch.Tensor], network: nn.Module) -> Dict[st
     fine-tuning then keeps every zero, and the sparsity after equals the sparsity before."""
     out, extra = dict(masks), 0
     for name, mask in masks.items():
-        zeros = (full(network.get_submodule(name).weight) == 0).cpu()
+        zeros = (full(weight_of(network, name)) == 0).cpu()
         if (zeros & ~mask).any():
             extra += int((zeros & ~mask).sum())
             out[name] = mask | zeros
     if extra:
         log.info("%d kept weights are exactly zero: they stay zero too", extra)
+    return out
+
+
+def parameters_and_masks(network: nn.Module, masks: Mapping[str, torch.Tensor]) -> List[tuple]:
+    """(parameter, its full-shape mask) for every masked weight: an expert's slices are gathered into
+    one mask over their fused parameter, so gradients and optimizer steps are masked on what they
+    really update (a slice is a view: it has no gradient of its own)."""
+    out, fused = [], {}
+    for name, mask in masks.items():
+        try:
+            out.append((network.get_submodule(name).weight, mask))
+        except AttributeError:  # <experts>.<fused parameter>.<expert>
+            owner, param, index = name.rsplit(".", 2)
+            fused.setdefault(f"{owner}.{param}", {})[int(index)] = mask
+    for pname, parts in fused.items():
+        p = network.get_parameter(pname)
+        whole = torch.zeros(p.shape, dtype=torch.bool)
+        for index, mask in parts.items():
+            whole[index] = mask
+        out.append((p, whole))
     return out
 
 

@@ -15,9 +15,10 @@ import torch.nn as nn
 from .base import LayerKind
 from .conv1d import CONV1D
 from .conv2d import CONV2D
+from .experts import EXPERT, expert_slices, is_fused_experts
 from .linear import LINEAR
 
-KINDS = (CONV1D, CONV2D, LINEAR)
+KINDS = (CONV1D, CONV2D, LINEAR, EXPERT)
 
 
 def kind_of(module: nn.Module) -> Optional[LayerKind]:
@@ -65,17 +66,36 @@ def select_targets(
 ) -> Dict[str, nn.Module]:
     """Prunable modules under ``root`` keyed by full name (``prefix.name``).
 
-    ``targets``: regexes a name must match (``re.search``; None = every prunable layer);
-    ``ignore``: regexes that exclude a name. Depthwise/grouped convolutions never qualify."""
+    ``targets``: regexes a name must match (``re.search``; None = every prunable layer but routers'
+    and gates' one-output projections); ``ignore``: regexes that exclude a name. Depthwise/grouped
+    convolutions never qualify. Fused MoE experts give one target per expert and fused parameter
+    (``...experts.gate_up_proj.3``, :mod:`.experts`)."""
     convs = convs or (targets is not None and any("conv" in t.lower() for t in targets))
     found: Dict[str, nn.Module] = {}
     for name, module in root.named_modules():
         full = f"{prefix}.{name}" if prefix and name else (prefix or name)
-        if not is_prunable(module, convs):
-            continue
-        if targets is not None and not any(re.search(t, full) for t in targets):
-            continue
-        if any(re.search(i, full) for i in ignore):
-            continue
-        found[full] = module
+        candidates = expert_slices(module, full) if is_fused_experts(module) else \
+            {full: module} if is_prunable(module, convs) else {}
+        for full, module in candidates.items():
+            if targets is None and weight_matrix(module).shape[0] == 1:
+                continue  # a gate's single output (Qwen2-MoE's shared_expert_gate): a router, not a layer
+            if targets is not None and not any(re.search(t, full) for t in targets):
+                continue
+            if any(re.search(i, full) for i in ignore):
+                continue
+            found[full] = module
     return found
+
+
+def weight_of(network: nn.Module, name: str) -> torch.Tensor:
+    """The weight (a view, for an expert's slice) of the target ``name`` of ``network``."""
+    try:
+        return network.get_submodule(name).weight
+    except AttributeError:
+        owner, param, index = name.rsplit(".", 2)  # an expert's slice: <experts>.<fused param>.<expert>
+        return getattr(network.get_submodule(owner), param)[int(index)]
+
+
+def parameter_of(target) -> nn.Parameter:
+    """The parameter a target's weight lives in (an expert's slice: the whole fused parameter)."""
+    return getattr(target, "source", None) if hasattr(target, "source") else target.weight
