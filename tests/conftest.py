@@ -69,6 +69,11 @@ def tiny_config(family: str, vocab_size: int = 256):
                                  num_experts=4, **moe)
     if family == "qwen3_moe":
         return tf.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=48, num_experts=4, head_dim=16, **moe)
+    if family == "deepseek_v3":  # multi-head latent attention, a shared expert, sigmoid routing
+        return tf.DeepseekV3Config(intermediate_size=96, moe_intermediate_size=48, n_routed_experts=4,
+                                   n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=16,
+                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1,
+                                   **moe)
     if family == "olmoe":
         return tf.OlmoeConfig(intermediate_size=48, num_experts=4, pad_token_id=0, eos_token_id=1, bos_token_id=None,
                               **moe)

@@ -40,7 +40,8 @@ def test_a_moe_model_whose_experts_no_method_prunes_is_refused_before_any_work(m
     out = tmp_path / "out"
     error, _ = run_cli(base_args(mixtral_dir, text_file, out, "--pruning.method", "wanda"))
     assert error is not None and error.startswith("exit 2")  # a user error: one line, exit code 2
-    for part in ("cover 14.", "mlp.experts.gate_up_proj [4, 192, 64]", "not a layout wanda_pl knows", "--model.targets"):
+    for part in ("cover 14.", "mlp.experts.gate_up_proj [4, 192, 64]", "MixtralExperts keeps weights fused",
+                 "--model.targets"):
         assert part in error, (part, error)
     assert not out.exists()
 
@@ -72,3 +73,25 @@ def test_a_dense_model_s_default_targets_cover_its_blocks(tiny_dirs, text_file, 
     assert report["target_coverage"] == 1.0
     assert report["sparsity_block_weights"] == report["actual_sparsity"] == 0.5
     assert 0 < report["sparsity_model"] < 0.5
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+def test_a_fused_expert_layout_we_do_not_prune_is_refused_by_name(family, tokenizer, tmp_path):
+    """gpt-oss keeps its experts as (experts, in, out) with biases, Llama 4 scales the experts' inputs by the
+    routing score: neither is the layout whose slices wanda_pl prunes, and the refusal names the class."""
+    import transformers as tf
+
+    from wanda_pl.methods.settings import PruningSettings
+    from wanda_pl.modules.causal_lm import CausalLM
+
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_local_experts=4, head_dim=16)
+    config = tf.GptOssConfig(intermediate_size=48, num_experts_per_tok=2, **common) if family == "gpt_oss" else \
+        tf.Llama4TextConfig(intermediate_size=48, intermediate_size_mlp=96, num_experts_per_tok=1, **common)
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    module = CausalLM(str(tmp_path))
+    expected = {"gpt_oss": "GptOssExperts", "llama4": "Llama4TextExperts"}[family]
+    with pytest.raises(ValueError, match=f"{expected} keeps weights fused in a layout wanda_pl does not prune"):
+        PruningSettings.from_args().check(module)

@@ -12,7 +12,7 @@ from wanda_pl.callbacks import Calibration, Pruning
 from wanda_pl.modules.causal_lm import CausalLM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ class Coverage:
     block_weights: int  # elements of all block weights
     covered: int  # of those, in the targets' weights
     left_out: Tuple[Tuple[str, Tuple[int, ...], int], ...]  # (name, shape, elements), largest first
+    fused_owners: Tuple[str, ...] = ()  # classes holding left-out weights of 3+ dimensions (MoE experts)
 
     @property
     def share(self) -> float:
@@ -56,7 +57,9 @@ def coverage(blocks: Blocks, targets: Mapping[str, nn.Module]) -> Coverage:
             covered[id(p)] = covered.get(id(p), 0) + m.weight.numel()
     left = sorted(((n, tuple(p.shape), p.numel()) for n, p in weights.items() if id(p) not in covered),
                   key=lambda t: -t[2])
-    return Coverage(sum(p.numel() for p in weights.values()), sum(covered.values()), tuple(left))
+    owners = dict.fromkeys(type(m).__name__ for _, block in blocks for m in block.modules()
+                           if any(p.dim() >= 3 and id(p) not in covered for p in m.parameters(recurse=False)))
+    return Coverage(sum(p.numel() for p in weights.values()), sum(covered.values()), tuple(left), tuple(owners))
 
 
 def check_coverage(cov: Coverage, explicit_targets: bool) -> None:
@@ -65,9 +68,9 @@ def check_coverage(cov: Coverage, explicit_targets: bool) -> None:
     if explicit_targets or cov.share >= LEAST:
         return
     shown = ", ".join(f"{n} {list(s)} ({e / cov.block_weights:.0%})" for n, s, e in cov.left_out[:SHOWN])
-    fused = any(len(s) >= 3 for _, s, _ in cov.left_out)
-    why = ("its fused weights are not a layout wanda_pl knows (Mixture-of-Experts experts are pruned when "
-           "they are gate_up_proj / down_proj of shape (experts, out, in)); " if fused else "")
+    why = (f"{', '.join(cov.fused_owners)} keeps weights fused in a layout wanda_pl does not prune yet (it prunes "
+           f"Mixture-of-Experts experts held as gate_up_proj (experts, 2 x inter, hidden) and down_proj (experts, "
+           f"hidden, inter) with one act_fn: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3); " if cov.fused_owners else "")
     raise UserError(
         f"the prunable layers cover {cov.share:.1%} of the weights in the model's blocks, so a report would "
         f"state a sparsity the model does not have: {why}largest left out: {shown}. Target them, or set "
