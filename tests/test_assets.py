@@ -355,7 +355,7 @@ def test_unknown_asset_names_the_known_ones():
 
 def test_registry_holds_the_embedded_assets():
     assert {"smollm2-135m", "wikipedia"} <= set(assets.REGISTRY)
-    assert list(assets.REGISTRY) == ["smollm2-135m", "wikipedia", "efficientnet-lite0", "imagenet-photos",
+    assert list(assets.REGISTRY) == ["smollm2-135m", "smollm2-moe-8x135m", "wikipedia", "efficientnet-lite0", "imagenet-photos",
                                        "natural-images", "zero-shot-tasks"]
     for name, asset in assets.REGISTRY.items():
         assert callable(asset.build) and asset.build.__module__.startswith("wanda_pl.assets."), name
@@ -376,7 +376,7 @@ def test_registry_is_the_one_source_of_embedded_names():
         assert names == by_kind[kind] == assets.names(kind), kind  # every registry key of that kind, and only those
     # every name has exactly one kind, and every registry key is in one of the tuples
     assert sorted(n for names in derived.values() for n in names) == sorted(assets.REGISTRY)
-    assert assets.EMBEDDED_MODELS == ("smollm2-135m",) and assets.EMBEDDED_TEXT == ("wikipedia",)
+    assert assets.EMBEDDED_MODELS == ("smollm2-135m", "smollm2-moe-8x135m") and assets.EMBEDDED_TEXT == ("wikipedia",)
     assert assets.EMBEDDED_CLASSIFIERS == ("efficientnet-lite0",)
     assert assets.EMBEDDED_IMAGES == ("imagenet-photos", "natural-images")
     assert assets.EMBEDDED_TASKS == ("zero-shot-tasks",)

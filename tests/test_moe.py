@@ -241,3 +241,22 @@ def test_a_killed_moe_run_resumes_bit_identical(moe_dirs, text_file, tmp_path):
     assert resumed["resumed_from_block"] == 1
     assert resumed["expert_tokens"] == whole["expert_tokens"]  # block 0's counts came back from its checkpoint
     assert resumed["rare_expert_layers"] == whole["rare_expert_layers"]
+
+
+@pytest.mark.slow
+def test_the_upcycled_smollm2_moe_computes_smollm2_and_prunes_every_expert(tmp_path):
+    """The embedded real-weights MoE (SmolLM2's MLP in 8 experts, a random top-2 router): its dense
+    perplexity is SmolLM2's; magnitude at 50% reaches 50% of the block weights, not of the attention."""
+    common = ["--data.calibration", "wikipedia", "--data.evaluation", "wikipedia", "--data.nsamples", "2",
+              "--data.seqlen", "128", "--data.max_eval_windows", "2", "--trainer.enable_progress_bar", "false"]
+    ppl = {}
+    for name in ("smollm2-135m", "smollm2-moe-8x135m"):
+        out = tmp_path / name
+        error, _ = run_cli(["prune", "--model.name_or_path", name, "--pruning.method", "magnitude",
+                            "--output_dir", str(out), *common])
+        assert error is None, error
+        report = json.loads((out / "report.json").read_text())
+        ppl[name] = report["metrics"]["ppl"]["dense"]
+    assert ppl["smollm2-moe-8x135m"] == pytest.approx(ppl["smollm2-135m"], rel=1e-4)
+    assert report["target_coverage"] > 0.999 and report["sparsity_block_weights"] == pytest.approx(0.5, abs=1e-3)
+    assert len(report["layers"]) == 30 * (4 + 2 * 8)  # q k v o + 8 experts x (gate_up, down) per block
