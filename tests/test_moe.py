@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli, saved_tiny
+from conftest import run_cli, saved_tiny, tiny_model
 from wanda_pl.callbacks import Calibration, Pruning
 from wanda_pl.modules.causal_lm import CausalLM
 
@@ -260,3 +260,89 @@ def test_the_upcycled_smollm2_moe_computes_smollm2_and_prunes_every_expert(tmp_p
     assert ppl["smollm2-moe-8x135m"] == pytest.approx(ppl["smollm2-135m"], rel=1e-4)
     assert report["target_coverage"] > 0.999 and report["sparsity_block_weights"] == pytest.approx(0.5, abs=1e-3)
     assert len(report["layers"]) == 30 * (4 + 2 * 8)  # q k v o + 8 experts x (gate_up, down) per block
+
+
+def _reap_reference(model, calib, ratio):
+    """REAP by hand on block 0: mean over routed tokens of routing weight x ||expert output||, the lowest
+    ``ratio`` of the experts removed (routing read from the router's own top-k)."""
+    mlp = _mlp(model.model.layers[0])
+    seen = []
+    handle = mlp.gate.register_forward_hook(lambda m, a, o: seen.append((a[0].reshape(-1, a[0].shape[-1]), o)))
+    with torch.no_grad():
+        for window in calib:
+            model(window.unsqueeze(0))
+    handle.remove()
+    e = mlp.experts
+    n = e.gate_up_proj.shape[0]
+    total, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n)
+    for h, (_, weights, index) in seen:
+        for t in range(h.shape[0]):
+            for slot in range(index.shape[1]):
+                j = int(index[t, slot])
+                gate, up = (h[t] @ e.gate_up_proj[j].t()).chunk(2)
+                out = (F.silu(gate) * up) @ e.down_proj[j].t()
+                total[j] += float(weights[t, slot]) * float(out.double().norm())
+                count[j] += 1
+    score = total / count.clamp_min(1)
+    return sorted(torch.sort(score, stable=True).indices[: int(ratio * n)].tolist())
+
+
+def test_reap_removes_the_least_salient_experts_and_saves_a_smaller_model(moe_dirs, text_file, tmp_path):
+    from test_cli import base_args
+    from wanda_pl.training.masks import load_masks
+
+    calib_ids = None
+    out = tmp_path / "out"
+    error, _ = run_cli(base_args(moe_dirs["mixtral"], text_file, out, "--pruning.method", "wanda",
+                                 "--pruning.experts_ratio", "0.5", "--save_model", "true"))
+    assert error is None, error
+    report = json.loads((out / "report.json").read_text())
+    calib_ids = torch.load(out / "calibration_ids.pt")
+    dense = CausalLM(str(moe_dirs["mixtral"])).model
+    removed = report["experts_pruned"]["model.layers.0.mlp.experts"]["removed"]
+    assert removed == _reap_reference(dense, calib_ids, 0.5) and len(removed) == 2
+    assert report["experts_ratio"] == 0.5 and report["actual_sparsity"] == 0.5
+    smaller = CausalLM(str(out / "model")).model  # stock from_pretrained: the config says 2 experts
+    assert smaller.config.num_local_experts == 2
+    kept = [j for j in range(4) if j not in removed]
+    experts = _mlp(smaller.model.layers[0]).experts
+    assert experts.gate_up_proj.shape[0] == 2 and _mlp(smaller.model.layers[0]).gate.weight.shape[0] == 2
+    assert torch.equal(_mlp(smaller.model.layers[0]).gate.weight, _mlp(dense.model.layers[0]).gate.weight[kept])
+    masks = load_masks(out)
+    for j, old in enumerate(kept):  # the kept experts' weights, then Wanda on what is left
+        w = experts.gate_up_proj[j]
+        assert torch.equal(w == 0, masks[f"model.layers.0.mlp.experts.gate_up_proj.{j}"])
+        assert torch.equal(w[w != 0], _mlp(dense.model.layers[0]).experts.gate_up_proj[old][w != 0])
+    assert report["parameters"] == sum(p.numel() for p in smaller.parameters())
+
+
+def test_expert_ratio_refusals_before_any_work(moe_dirs, tiny_dirs, text_file, tmp_path):
+    from test_cli import base_args
+
+    error, _ = run_cli(base_args(moe_dirs["mixtral"], text_file, tmp_path / "a", "--pruning.experts_ratio", "0.75"))
+    assert "removes 3 of 4 experts, leaving fewer than the 2" in error and not (tmp_path / "a").exists()
+    error, _ = run_cli(base_args(tiny_dirs["llama"], text_file, tmp_path / "b", "--pruning.experts_ratio", "0.5"))
+    assert "has no fused experts" in error and not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match=r"experts_ratio must be in \[0, 1\)"):
+        Pruning(experts_ratio=1.0)
+    sweep = base_args(moe_dirs["mixtral"], text_file, tmp_path / "c", "--pruning.experts_ratio", "0.5")
+    error, _ = run_cli(["sweep", *sweep[1:]])
+    assert "a sweep restores the dense weights" in error and not (tmp_path / "c").exists()
+
+
+def test_reap_saliency_weighs_each_expert_output_by_its_routing_weight():
+    from wanda_pl.core.expert_pruning import saliency
+
+    experts = _mlp(tiny_model("mixtral").model.layers[0]).experts
+    with torch.no_grad():
+        experts.gate_up_proj[1] = experts.gate_up_proj[0]
+        experts.down_proj[1] = experts.down_proj[0]  # experts 0 and 1 compute the same
+    hidden = torch.randn(5, 64)
+    index = torch.tensor([[0, 1]] * 5)
+    weights = torch.tensor([[0.9, 0.1]] * 5)
+    sums, counts = saliency(experts, hidden, index, weights)
+    assert counts.tolist() == [5, 5, 0, 0] and sums[2] == sums[3] == 0
+    assert float(sums[0] / sums[1]) == pytest.approx(9.0, rel=1e-6)
+    gate, up = (hidden @ experts.gate_up_proj[0].t()).chunk(2, dim=-1)
+    norms = ((F.silu(gate) * up) @ experts.down_proj[0].t()).double().norm(dim=-1)
+    assert float(sums[0]) == pytest.approx(float(0.9 * norms.sum()), rel=1e-6)

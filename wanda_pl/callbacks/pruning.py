@@ -22,8 +22,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ..core.engine import NoCheckpoints, PruneResult, merge_resumed, prune_sequential
-from ..methods import METHODS, STEP_KINDS, options, step_names
-from ..methods.settings import GENERAL, PruningSettings
+from ..core.expert_pruning import prune_experts
+from ..methods import options
+from ..methods.settings import GENERAL, GENERAL_DOCS, PruningSettings
 from ..training.masks import check_strategy, mask_files, masks_from, parameters_and_masks, with_zeros
 from ..training.sharding import is_dtensor, is_sharded, local, local_mask, overall_sparsity
 from .calibration import Calibration
@@ -50,12 +51,13 @@ class Pruning(Callback):
                  bias_correction: bool = False, allocation: str = "uniform", owl_m: float = 5.0,
                  owl_lambda: float = 0.08,
                  profile: Optional[Union[List[float], Dict[str, float]]] = None,
-                 min_expert_tokens: Optional[int] = None, rare_experts: str = "magnitude", enabled: bool = False, masks_from: Optional[str] = None,
+                 min_expert_tokens: Optional[int] = None, rare_experts: str = "magnitude", experts_ratio: float = 0.0,
+                 enabled: bool = False, masks_from: Optional[str] = None,
                  **method_options: Any) -> None:
         given = dict(method=method, sparsity_ratio=sparsity_ratio, sparsity_type=sparsity_type, refine=refine,
                      update=update, bias_correction=bias_correction, allocation=allocation, owl_m=owl_m,
                      owl_lambda=owl_lambda, profile=profile, min_expert_tokens=min_expert_tokens,
-                     rare_experts=rare_experts)
+                     rare_experts=rare_experts, experts_ratio=experts_ratio)
         self.settings = PruningSettings.from_args(**given, **method_options)
         if masks_from is not None and masks_from != "zeros":
             if not mask_files(masks_from):
@@ -111,6 +113,8 @@ class Pruning(Callback):
         t0 = time.perf_counter()
         blocks, inputs, store, shares = calib.block_inputs(trainer, pl_module, settings.needs_activations)
         t1 = time.perf_counter()
+        removed = prune_experts(blocks, inputs, settings.experts_ratio, pl_module.model.config, store, placement,
+                                trainer.is_global_zero) if settings.experts_ratio else {}
         ckpt = run.checkpoints or NoCheckpoints()
         plan = ckpt.plan(lambda: settings.plan(blocks, inputs, pl_module.block_targets, store, trainer.is_global_zero,
                                                placement))
@@ -123,6 +127,7 @@ class Pruning(Callback):
             keep_masks=getattr(ckpt, "keep_masks", True), rare=settings.rare,
         )
         merge_resumed(done, result, start)
+        result.experts = removed
         result.samples_per_rank = shares
         self.masks, self.masks_source = result.masks, "pruned"
         result.calibration_data_s, result.total_s = t1 - t0, time.perf_counter() - t1
@@ -246,30 +251,16 @@ class Pruning(Callback):
         self.masks_source = f"checkpoint (pruned with {state_dict.get('config')})"
 
 
+CALLBACK_DOCS = {
+    "enabled": "prune when ``validate`` or ``fit`` starts (``prune`` and ``sweep`` prune as their own step).",
+    "masks_from": "take the masks instead of computing them: ``zeros`` (the zeros of an already pruned "
+                  "model) or a mask file (``masks.pt``, or its folder). ``fit`` uses them even without ``enabled``.",
+}
+
+
 def _docstring() -> str:
     """The Args the CLI shows: the general settings, then every option of the method and step tables."""
-    general = {
-        "method": f"one of {', '.join(METHODS)}.",
-        "sparsity_ratio": "fraction of weights to prune, in [0, 1) (unset: N/M for N:M, else 0.5).",
-        "sparsity_type": "``unstructured`` or ``N:M`` (N pruned of every M consecutive inputs, e.g. 2:4).",
-        **{kind: f"after a mask-only method's mask: one of {', '.join(step_names(kind))}." for kind in STEP_KINDS},
-        "bias_correction": "put back each pruned layer's mean output (``(W - W') E[x]``) into its bias (or the "
-                           "running mean of the BatchNorm a bias-free conv feeds); bias-free linears (LLaMA) are "
-                           "refused.",
-        "allocation": "how the ratio is spread over the blocks: ``uniform``, ``owl`` (blocks with more outlier "
-                      "scores pruned less, from a dense statistics pass) or ``profile``; unstructured only.",
-        "owl_m": "OWL's outlier threshold, in multiples of a block's mean Wanda score.",
-        "owl_lambda": "OWL's spread: the blocks' sparsities span ``2 * owl_lambda`` around ``sparsity_ratio``.",
-        "profile": "with ``allocation: profile``: a sparsity per block (a list) or per layer (regex -> ratio).",
-        "min_expert_tokens": "Mixture-of-Experts: an expert that calibration routed fewer tokens to is rare (unset: "
-                             "as many as the expert's layer has inputs for methods solving with X^T X, else 1).",
-        "rare_experts": "what a rare expert gets: ``magnitude`` (default), ``dense`` (left unpruned) or ``error``; "
-                        "the report lists them (``rare_expert_layers``).",
-        "enabled": "prune when ``validate`` or ``fit`` starts (``prune`` and ``sweep`` prune as their own step).",
-        "masks_from": "take the masks instead of computing them: ``zeros`` (the zeros of an already pruned "
-                      "model) or a mask file (``masks.pt``, or its folder). ``fit`` uses them even without "
-                      "``enabled``.",
-    }
+    general = {**GENERAL_DOCS, **CALLBACK_DOCS}
     assert set(general) == set(GENERAL) | {"enabled", "masks_from"}, "every general setting documented"
     lines = [f"    {k}: {v}" for k, v in general.items()]
     lines += [f"    {name}: {o.doc}" for name, o in options().items()]

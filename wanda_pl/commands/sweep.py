@@ -174,6 +174,9 @@ def sweep(trainer, model, datamodule, grid: Optional[Grid] = None, output_dir: s
     grid = grid or Grid()
     if base.masks_from is not None:
         raise ValueError("pruning.masks_from takes masks instead of computing them: it is for fit/validate, not sweep")
+    if base.settings.experts_ratio:  # every point starts from the dense weights, of the dense shapes
+        raise UserError("pruning.experts_ratio removes experts, and a sweep restores the dense weights for every "
+                        "point: run one prune per point")
     todo = points(grid, base.settings)
     inputs, writes = run_inputs(config, model=model.path), lightning_writes(trainer)
     out = Path(output_dir).expanduser().absolute()

@@ -32,7 +32,10 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _summed(t: torch.Tensor) -> torch.Tensor:
+def summed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over every rank (on the backend's device), back where it was; ``t`` in one process."""
+    if world() == 1:
+        return t
     device = _device()
     return all_reduce_sum(t.to(device)).to(t.device)
 
@@ -43,14 +46,14 @@ def sum_stats(stats: Dict[str, LayerStats]) -> None:
         return
     for name in sorted(stats):
         st = stats[name]
-        counts = _summed(torch.tensor([st.nsamples, st.tokens], dtype=torch.int64))
+        counts = summed(torch.tensor([st.nsamples, st.tokens], dtype=torch.int64))
         st.nsamples, st.tokens = int(counts[0]), int(counts[1])
-        st.sq_sum, st.col_sum = _summed(st.sq_sum), _summed(st.col_sum)
+        st.sq_sum, st.col_sum = summed(st.sq_sum), summed(st.col_sum)
         if st.with_hessian:
-            has = _summed(torch.tensor([st.xtx is not None], dtype=torch.int64))
+            has = summed(torch.tensor([st.xtx is not None], dtype=torch.int64))
             if int(has) != world():
                 raise RuntimeError(f"{name}: some ranks recorded no calibration activations (fewer samples than ranks?)")
-            st.xtx = _summed(st.xtx)
+            st.xtx = summed(st.xtx)
 
 
 def digest(masks: Dict[str, torch.Tensor]) -> int:

@@ -65,6 +65,7 @@ class PruneResult:
     resumed_from: int = 0  # the first block this process pruned (> 0: a resumed run)
     tokens: Dict[str, int] = field(default_factory=dict)  # name -> calibration tokens it saw (all ranks)
     rare: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # rare experts' slices: tokens, what they took
+    experts: Dict[str, Dict[str, list]] = field(default_factory=dict)  # whole experts removed, per MoE (REAP)
 
 
 class NoCheckpoints:

@@ -12,19 +12,41 @@ from typing import Any, Dict, Mapping, Optional
 from ..core import correction
 from ..core.allocation import Allocation
 from ..core.coverage import check_coverage, coverage
+from ..core.expert_pruning import moe_blocks, to_remove
 from ..core.layers.experts import RareExperts
 from ..core.engine import check_targets, needs_activations
 from ..core.method import Method
 from ..core.plan import Plan, uniform
 from ..core.sparsity import SparsitySpec
-from . import check_options, get_method, get_step, options
+from . import METHODS, STEP_KINDS, check_options, get_method, get_step, options, step_names
 from .compose import compose
 from .wanda import wanda_score
 
 # The settings every pruning has, beside the methods' own options (their defaults are the CLI's).
 GENERAL = dict(method="wanda", sparsity_ratio=None, sparsity_type="unstructured", refine="none", update="none",
                bias_correction=False, allocation="uniform", owl_m=5.0, owl_lambda=0.08, profile=None,
-               min_expert_tokens=None, rare_experts="magnitude")
+               min_expert_tokens=None, rare_experts="magnitude", experts_ratio=0.0)
+# What --help says of each (the methods' own options document themselves, core.method.option).
+GENERAL_DOCS = {
+    "method": f"one of {', '.join(METHODS)}.",
+    "sparsity_ratio": "fraction of weights to prune, in [0, 1) (unset: N/M for N:M, else 0.5).",
+    "sparsity_type": "``unstructured`` or ``N:M`` (N pruned of every M consecutive inputs, e.g. 2:4).",
+    **{kind: f"after a mask-only method's mask: one of {', '.join(step_names(kind))}." for kind in STEP_KINDS},
+    "bias_correction": "put back each pruned layer's mean output (``(W - W') E[x]``) into its bias (or the "
+                       "running mean of the BatchNorm a bias-free conv feeds); bias-free linears (LLaMA) are "
+                       "refused.",
+    "allocation": "how the ratio is spread over the blocks: ``uniform``, ``owl`` (blocks with more outlier "
+                  "scores pruned less, from a dense statistics pass) or ``profile``; unstructured only.",
+    "owl_m": "OWL's outlier threshold, in multiples of a block's mean Wanda score.",
+    "owl_lambda": "OWL's spread: the blocks' sparsities span ``2 * owl_lambda`` around ``sparsity_ratio``.",
+    "profile": "with ``allocation: profile``: a sparsity per block (a list) or per layer (regex -> ratio).",
+    "min_expert_tokens": "Mixture-of-Experts: an expert that calibration routed fewer tokens to is rare (unset: "
+                         "as many as the expert's layer has inputs for methods solving with X^T X, else 1).",
+    "rare_experts": "what a rare expert gets: ``magnitude`` (default), ``dense`` (left unpruned) or ``error``; "
+                    "the report lists them (``rare_expert_layers``).",
+    "experts_ratio": "Mixture-of-Experts: remove this share of every block's experts first, lowest REAP "
+                     "saliency (routing weight x output norm) first; the saved model is smaller.",
+}
 
 
 @dataclass(frozen=True)
@@ -59,6 +81,8 @@ class PruningSettings:
             method.check(chosen, spec, refine)
         allocation = Allocation(args["allocation"], args["owl_m"], args["owl_lambda"], args["profile"])
         allocation.check(spec)
+        if not (isinstance(args["experts_ratio"], (int, float)) and 0 <= args["experts_ratio"] < 1):
+            raise ValueError(f"pruning.experts_ratio must be in [0, 1), got {args['experts_ratio']!r}")
         rare = RareExperts(args["min_expert_tokens"], args["rare_experts"], get_method("magnitude"))
         return cls(args, spec, method, chosen, allocation, rare)
 
@@ -70,8 +94,13 @@ class PruningSettings:
         return bool(self.args["bias_correction"])
 
     @property
+    def experts_ratio(self) -> float:
+        return float(self.args["experts_ratio"])
+
+    @property
     def needs_activations(self) -> bool:
-        return needs_activations(self.method, self.bias_correction) or self.allocation.needs_activations
+        return needs_activations(self.method, self.bias_correction) or self.allocation.needs_activations \
+            or self.experts_ratio > 0
 
     def describe(self) -> Dict[str, Any]:
         """The report's ``method`` section."""
@@ -86,7 +115,7 @@ class PruningSettings:
             "method_options": self.method.describe_options(self.options),  # all the method itself reads
             **self.allocation.describe(),
             # only when set: the fingerprints of earlier sweep points (made from this) stay what they were
-            **{k: a[k] for k in ("min_expert_tokens", "rare_experts") if a[k] != GENERAL[k]},
+            **{k: a[k] for k in ("min_expert_tokens", "rare_experts", "experts_ratio") if a[k] != GENERAL[k]},
         }
 
     def check(self, pl_module) -> None:
@@ -99,6 +128,14 @@ class PruningSettings:
                       self.allocation.plan(self.spec, blocks, (), pl_module.block_targets))
         explicit = (getattr(pl_module, "hparams", None) or {}).get("targets") is not None
         check_coverage(coverage(blocks, targets), explicit)
+        if self.experts_ratio:
+            moes = [experts for _, block in blocks for _, experts, _ in moe_blocks(block)]
+            if not moes:
+                raise ValueError(f"pruning.experts_ratio {self.experts_ratio:g} removes Mixture-of-Experts experts, "
+                                 f"and this model has no fused experts")
+            top_k = getattr(pl_module.model.config, "num_experts_per_tok", 1)
+            for experts in moes:
+                to_remove(experts.gate_up_proj.shape[0], self.experts_ratio, top_k)
         if self.bias_correction:
             correction.check_possible(targets, [pl_module])
 

@@ -22,7 +22,7 @@ from ...errors import UserError
 from .base import LayerKind, rows
 
 FUSED = ("gate_up_proj", "down_proj")
-_SLICES = "_wanda_pl_expert_slices"  # cached on the experts module: one stand-in per slice, stable identity
+SLICES = "_wanda_pl_expert_slices"  # cached on the experts module: one stand-in per slice, stable identity
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -82,7 +82,7 @@ class ExpertSlice:
 
 def expert_slices(experts: nn.Module, prefix: str) -> Dict[str, ExpertSlice]:
     """``{prefix.gate_up_proj.e: slice, prefix.down_proj.e: slice}`` for every expert, in that order."""
-    cached: List[ExpertSlice] = experts.__dict__.setdefault(_SLICES, [
+    cached: List[ExpertSlice] = experts.__dict__.setdefault(SLICES, [
         ExpertSlice(experts, p, e) for e in range(experts.gate_up_proj.shape[0]) for p in FUSED])
     return {f"{prefix}.{s.param}.{s.index}" if prefix else f"{s.param}.{s.index}": s for s in cached}
 
