@@ -4,13 +4,16 @@ same calibration and evaluation text, in one run.
 
     python benchmarks/llm_moe.py                                  # wanda, sparsegpt, admm at 50% and 2:4
     python benchmarks/llm_moe.py --nsamples 32 --seqlen 512 --eval-windows 32
+    python benchmarks/llm_moe.py --reap 0.25 0.5 --methods --name llm_moe_reap   # whole experts only
 
 Rows: perplexity (and its ratio to the model's dense perplexity), sparsity over the targets and over
 every weight of the blocks (it must be the target: the experts are pruned, not only the attention),
 the calibration tokens each expert received in block 0 and over all blocks (min / median / max),
 and the pruning wall time (calibration forwards + masks and updates) as a ratio to dense SmolLM2's
 at the same point. The dense MoE computes SmolLM2 up to rounding, so its dense perplexity equals
-SmolLM2's; the pruned ones differ because every expert is pruned on its own tokens.
+SmolLM2's; the pruned ones differ because every expert is pruned on its own tokens. ``--reap``
+adds rows that remove that share of every block's experts (``--pruning.experts_ratio``, no weight
+pruning): perplexity and the parameter count left.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import point_key, pruning_wall, run_sweep, settings_of, write_table
+from common import point_key, pruning_wall, run_sweep, settings_of, trainer, write_table
 
 from wanda_pl.commands.sweep import Grid
 from wanda_pl.data.text_module import TextDataModule
@@ -40,13 +43,14 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt", "admm"])
+    ap.add_argument("--methods", nargs="*", default=["wanda", "sparsegpt", "admm"])
     ap.add_argument("--types", nargs="+", default=["unstructured", "2:4"])
+    ap.add_argument("--reap", nargs="*", type=float, default=[], help="shares of experts removed (REAP rows)")
     ap.add_argument("--name", default="llm_moe")
     args = ap.parse_args()
 
     found, report = {}, None
-    for name in MODELS:
+    for name in MODELS if args.methods else ():
         module = CausalLM(name)
         dm = TextDataModule("wikipedia", "wikipedia", args.nsamples, args.seqlen, args.seed, args.eval_windows)
         dm.prepare_for(module)
@@ -59,9 +63,9 @@ def main() -> None:
                 row["tokens_all"] = _spread([n for block in tokens.values() for n in block.values()])
         found[name] = (dense, rows)
         del module
-    reference = {(r["method"], *point_key(r)): r for r in found["smollm2-135m"][1]}
+    reference = {(r["method"], *point_key(r)): r for r in found.get("smollm2-135m", (None, []))[1]}
     lines = []
-    for name in MODELS:
+    for name in found:
         dense, rows = found[name]
         lines.append(f"| {name} | dense | - | {dense['ppl']:.3f} | 1.00 | - | - | - | - | - |")
         for r in rows:
@@ -70,10 +74,29 @@ def main() -> None:
                 f"| {name} | {r['method']} | {r['sparsity_type']} | {r['ppl']:.3f} | {r['ppl'] / dense['ppl']:.2f} | "
                 f"{r['actual_sparsity']:.4f} | {r['sparsity_block_weights']:.4f} | {r['tokens_block0']} | "
                 f"{r['tokens_all']} | {pruning_wall(r):.1f} ({pruning_wall(r) / pruning_wall(ref):.1f}x) |")
+    for ratio in args.reap:
+        report = _reap(ratio, args)
+        lines.append(f"| {MODELS[1]} | REAP {ratio:g} of the experts | - | {report['metrics']['ppl']['pruned']:.3f} | "
+                     f"{report['metrics']['ppl']['pruned'] / report['metrics']['ppl']['dense']:.2f} | "
+                     f"{report['parameters'] / 1e6:.0f}M parameters | - | - | - | "
+                     f"{report['time_s']['calibration'] + report['time_s']['prune']:.1f} |")
     header = ("| model | method | type | perplexity | / dense | sparsity (targets) | sparsity (block weights) | "
               "tokens per expert, block 0 (min / median / max) | all blocks | pruning wall s (x dense SmolLM2) |")
     write_table(args.name, header, lines, settings_of(report, methods=args.methods, types=args.types,
                                                        models=list(MODELS)))
+
+
+def _reap(ratio: float, args) -> dict:
+    """One prune run removing ``ratio`` of every block's experts and no weights, on a fresh module."""
+    from wanda_pl.callbacks import Calibration, Pruning
+    from wanda_pl.commands.prune import prune
+
+    module = CausalLM(MODELS[1])
+    dm = TextDataModule("wikipedia", "wikipedia", args.nsamples, args.seqlen, args.seed, args.eval_windows)
+    dm.prepare_for(module)
+    with tempfile.TemporaryDirectory() as out:
+        return prune(trainer([Calibration(), Pruning("magnitude", sparsity_ratio=0.0, experts_ratio=ratio)]), module,
+                     dm, str(Path(out) / "run"), checkpoints=False)
 
 
 if __name__ == "__main__":
