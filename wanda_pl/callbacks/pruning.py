@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from ..core.engine import NoCheckpoints, PruneResult, merge_resumed, prune_sequential
 from ..core.expert_pruning import prune_experts
 from ..methods import options
-from ..methods.settings import GENERAL, GENERAL_DOCS, PruningSettings
+from ..methods.settings import GENERAL, PruningSettings, general_docs
 from ..training.masks import check_strategy, mask_files, masks_from, parameters_and_masks, with_zeros
 from ..training.sharding import is_dtensor, is_sharded, local, local_mask, overall_sparsity
 from .calibration import Calibration
@@ -260,7 +260,7 @@ CALLBACK_DOCS = {
 
 def _docstring() -> str:
     """The Args the CLI shows: the general settings, then every option of the method and step tables."""
-    general = {**GENERAL_DOCS, **CALLBACK_DOCS}
+    general = {**general_docs(), **CALLBACK_DOCS}
     assert set(general) == set(GENERAL) | {"enabled", "masks_from"}, "every general setting documented"
     lines = [f"    {k}: {v}" for k, v in general.items()]
     lines += [f"    {name}: {o.doc}" for name, o in options().items()]

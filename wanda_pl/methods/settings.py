@@ -26,27 +26,31 @@ from .wanda import wanda_score
 GENERAL = dict(method="wanda", sparsity_ratio=None, sparsity_type="unstructured", refine="none", update="none",
                bias_correction=False, allocation="uniform", owl_m=5.0, owl_lambda=0.08, profile=None,
                min_expert_tokens=None, rare_experts="magnitude", experts_ratio=0.0)
-# What --help says of each (the methods' own options document themselves, core.method.option).
-GENERAL_DOCS = {
-    "method": f"one of {', '.join(METHODS)}.",
-    "sparsity_ratio": "fraction of weights to prune, in [0, 1) (unset: N/M for N:M, else 0.5).",
-    "sparsity_type": "``unstructured`` or ``N:M`` (N pruned of every M consecutive inputs, e.g. 2:4).",
-    **{kind: f"after a mask-only method's mask: one of {', '.join(step_names(kind))}." for kind in STEP_KINDS},
-    "bias_correction": "put back each pruned layer's mean output (``(W - W') E[x]``) into its bias (or the "
-                       "running mean of the BatchNorm a bias-free conv feeds); bias-free linears (LLaMA) are "
-                       "refused.",
-    "allocation": "how the ratio is spread over the blocks: ``uniform``, ``owl`` (blocks with more outlier "
-                  "scores pruned less, from a dense statistics pass) or ``profile``; unstructured only.",
-    "owl_m": "OWL's outlier threshold, in multiples of a block's mean Wanda score.",
-    "owl_lambda": "OWL's spread: the blocks' sparsities span ``2 * owl_lambda`` around ``sparsity_ratio``.",
-    "profile": "with ``allocation: profile``: a sparsity per block (a list) or per layer (regex -> ratio).",
-    "min_expert_tokens": "Mixture-of-Experts: an expert that calibration routed fewer tokens to is rare (unset: "
-                         "as many as the expert's layer has inputs for methods solving with X^T X, else 1).",
-    "rare_experts": "what a rare expert gets: ``magnitude`` (default), ``dense`` (left unpruned) or ``error``; "
-                    "the report lists them (``rare_expert_layers``).",
-    "experts_ratio": "Mixture-of-Experts: remove this share of every block's experts first, lowest REAP "
-                     "saliency (routing weight x output norm) first; the saved model is smaller.",
-}
+
+
+def general_docs() -> Dict[str, str]:
+    """What --help says of each general setting, from the tables as they are now (the methods' own
+    options document themselves, :func:`wanda_pl.core.method.option`)."""
+    return {
+        "method": f"one of {', '.join(METHODS)}.",
+        "sparsity_ratio": "fraction of weights to prune, in [0, 1) (unset: N/M for N:M, else 0.5).",
+        "sparsity_type": "``unstructured`` or ``N:M`` (N pruned of every M consecutive inputs, e.g. 2:4).",
+        **{kind: f"after a mask-only method's mask: one of {', '.join(step_names(kind))}." for kind in STEP_KINDS},
+        "bias_correction": "put back each pruned layer's mean output (``(W - W') E[x]``) into its bias (or the "
+                           "running mean of the BatchNorm a bias-free conv feeds); bias-free linears (LLaMA) are "
+                           "refused.",
+        "allocation": "how the ratio is spread over the blocks: ``uniform``, ``owl`` (blocks with more outlier "
+                      "scores pruned less, from a dense statistics pass) or ``profile``; unstructured only.",
+        "owl_m": "OWL's outlier threshold, in multiples of a block's mean Wanda score.",
+        "owl_lambda": "OWL's spread: the blocks' sparsities span ``2 * owl_lambda`` around ``sparsity_ratio``.",
+        "profile": "with ``allocation: profile``: a sparsity per block (a list) or per layer (regex -> ratio).",
+        "min_expert_tokens": "Mixture-of-Experts: an expert that calibration routed fewer tokens to is rare (unset: "
+                             "as many as the expert's layer has inputs for methods solving with X^T X, else 1).",
+        "rare_experts": "what a rare expert gets: ``magnitude`` (default), ``dense`` (left unpruned) or ``error``; "
+                        "the report lists them (``rare_expert_layers``).",
+        "experts_ratio": "Mixture-of-Experts: remove this share of every block's experts first, lowest REAP "
+                         "saliency (routing weight x output norm) first; the saved model is smaller.",
+    }
 
 
 @dataclass(frozen=True)
