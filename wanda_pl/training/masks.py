@@ -12,7 +12,7 @@ from typing import List, Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..core.layers import weight_of
+from ..core.layers import fused_slice, weight_of
 from ..errors import UserError
 from .sharding import full
 
@@ -138,11 +138,11 @@ def parameters_and_masks(network: nn.Module, masks: Mapping[str, torch.Tensor]) 
     really update (a slice is a view: it has no gradient of its own)."""
     out, fused = [], {}
     for name, mask in masks.items():
-        try:
+        where = fused_slice(network, name)
+        if where is None:
             out.append((network.get_submodule(name).weight, mask))
-        except AttributeError:  # <experts>.<fused parameter>.<expert>
-            owner, param, index = name.rsplit(".", 2)
-            fused.setdefault(f"{owner}.{param}", {})[int(index)] = mask
+        else:
+            fused.setdefault(where[0], {})[where[1]] = mask
     for pname, parts in fused.items():
         p = network.get_parameter(pname)
         whole = torch.zeros(p.shape, dtype=torch.bool)

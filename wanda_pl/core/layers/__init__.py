@@ -7,7 +7,7 @@ is one file here plus one entry in ``KINDS`` (the first kind that claims a modul
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -87,13 +87,21 @@ def select_targets(
     return found
 
 
+def fused_slice(network: nn.Module, name: str) -> Optional[Tuple[str, int]]:
+    """(the fused parameter's name, the expert) when the target ``name`` is an expert's slice
+    (``<experts>.<fused parameter>.<expert>``), else None."""
+    try:
+        network.get_submodule(name)
+        return None
+    except AttributeError:
+        owner, param, index = name.rsplit(".", 2)
+        return f"{owner}.{param}", int(index)
+
+
 def weight_of(network: nn.Module, name: str) -> torch.Tensor:
     """The weight (a view, for an expert's slice) of the target ``name`` of ``network``."""
-    try:
-        return network.get_submodule(name).weight
-    except AttributeError:
-        owner, param, index = name.rsplit(".", 2)  # an expert's slice: <experts>.<fused param>.<expert>
-        return getattr(network.get_submodule(owner), param)[int(index)]
+    fused = fused_slice(network, name)
+    return network.get_submodule(name).weight if fused is None else network.get_parameter(fused[0])[fused[1]]
 
 
 def parameter_of(target) -> nn.Parameter:
