@@ -73,9 +73,6 @@ class ExpertSlice:
 
         return _Handle(self.experts.register_forward_hook(on_experts, with_kwargs=True))
 
-    def parameters(self):
-        return iter(())  # the fused parameter belongs to the experts module
-
     def __repr__(self) -> str:
         return f"ExpertSlice({self.param}[{self.index}] of {type(self.experts).__name__})"
 
