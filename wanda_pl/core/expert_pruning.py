@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from .distributed import summed
 from .hooks import BlockInput
-from .layers.experts import SLICES, is_fused_experts
+from .layers.experts import SLICES, call_args, intermediate, is_fused_experts
 from .onload import Placement
 
 COUNT_NAMES = ("num_experts", "num_local_experts", "n_routed_experts")  # modules' and configs' expert counts
@@ -64,8 +64,7 @@ def saliency(experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weig
         token, slot = (index == j).nonzero(as_tuple=True)
         if token.numel() == 0:
             continue
-        gate, up = nn.functional.linear(hidden[token], experts.gate_up_proj[j]).chunk(2, dim=-1)
-        out = nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[j])
+        out = nn.functional.linear(intermediate(experts, j, hidden[token]), experts.down_proj[j])
         sums[j] = (weights[token, slot].double() * out.double().norm(dim=-1)).sum()
         counts[j] = token.numel()
     return sums, counts
@@ -109,8 +108,7 @@ def prune_experts(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInp
 
         def hook(moe_name):
             def on_call(module, args, kwargs, output):
-                s, c = saliency(module, *(list(args) + [kwargs.get(k) for k in ("hidden_states", "top_k_index",
-                                                                               "top_k_weights") if k in kwargs])[:3])
+                s, c = saliency(module, *call_args(args, kwargs))
                 found[moe_name][0] += s
                 found[moe_name][1] += c
             return on_call

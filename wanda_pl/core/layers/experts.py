@@ -32,6 +32,18 @@ def is_fused_experts(module: nn.Module) -> bool:
         and params[0].shape[0] == params[1].shape[0] and params[0].shape[1] == 2 * params[1].shape[2]
 
 
+def intermediate(experts: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert ``index``'s ``act(gate) * up`` on ``x`` (tokens, hidden): what its ``down_proj`` multiplies."""
+    gate, up = nn.functional.linear(x, experts.gate_up_proj[index]).chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
+def call_args(args: tuple, kwargs: dict):
+    """(hidden states, top-k expert indices, top-k routing weights) of one call of an experts module."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    return tuple(args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+
+
 class _Handle:
     def __init__(self, handle) -> None:
         self.handle = handle
@@ -58,16 +70,12 @@ class ExpertSlice:
         """What this slice multiplies on the tokens routed to its expert: (tokens routed, in)."""
         tokens = (top_k_index == self.index).any(dim=-1).nonzero().flatten()
         x = hidden.reshape(-1, hidden.shape[-1])[tokens]
-        if self.param == "gate_up_proj":
-            return x
-        gate, up = nn.functional.linear(x, self.experts.gate_up_proj[self.index]).chunk(2, dim=-1)
-        return self.experts.act_fn(gate) * up
+        return x if self.param == "gate_up_proj" else intermediate(self.experts, self.index, x)
 
     def register_forward_hook(self, hook: Callable) -> _Handle:
         """``hook(self, (routed inputs,), None)`` after every call of the experts module."""
         def on_experts(module, args, kwargs, output):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            hidden, index, _ = call_args(args, kwargs)
             with torch.no_grad():
                 hook(self, (self.routed_inputs(hidden, index),), None)
 
