@@ -80,7 +80,9 @@ def tiny_config(family: str, vocab_size: int = 256):
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt", "gemma2")
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt", "gemma2")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")  # experts fused (transformers 5)
+FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
 
 
 def tiny_model(family: str = "llama", seed: int = 0):

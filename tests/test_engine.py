@@ -251,7 +251,7 @@ def _same(a, b):
     return a == b
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "opt", "mixtral", "deepseek_v3"])
 def test_capture_keeps_every_block_argument(tiny_dirs, calib, family):
     module = CausalLM(str(tiny_dirs[family]))
     _, blocks = find_blocks(module.model)

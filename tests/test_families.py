@@ -11,6 +11,7 @@ if str(ROOT) not in sys.path:  # cli.py lives at the repository root
     sys.path.insert(0, str(ROOT))
 
 from cli import main  # noqa: E402
+from conftest import FAMILIES, MOE_FAMILIES  # noqa: E402
 from test_cli import load_saved, simple_ppl  # noqa: E402
 
 REQUIRED = ("model", "method", "sparsity_type", "sparsity_ratio", "use_variant", "nsamples", "seqlen", "seed",
@@ -18,11 +19,15 @@ REQUIRED = ("model", "method", "sparsity_type", "sparsity_ratio", "use_variant",
             "peak_memory_mb", "versions", "devices", "torch_threads", "calibration_samples_per_rank", "offload")
 
 # decoder-block linears of the tiny configs (2 blocks each)
-N_LAYERS = {"llama": 14, "mistral": 14, "qwen2": 14, "gpt2": 8, "opt": 12, "gemma2": 14}
+N_LAYERS = {"llama": 14, "mistral": 14, "qwen2": 14, "gpt2": 8, "opt": 12, "gemma2": 14,
+            # MoE (4 experts): attention + 2 slices per expert (+ DeepSeek's 5 latent-attention linears
+            # and the shared expert's 3 linears in Qwen2-MoE and DeepSeek-V3)
+            "mixtral": 24, "qwen2_moe": 30, "qwen3_moe": 24, "olmoe": 24, "deepseek_v3": 32}
 LAYER_NAMES = {
     "llama": ("model.layers.", "q_proj"), "mistral": ("model.layers.", "q_proj"), "qwen2": ("model.layers.", "q_proj"),
     "gpt2": ("transformer.h.", "c_attn"), "opt": ("model.decoder.layers.", "q_proj"),
     "gemma2": ("model.layers.", "q_proj"),
+    **{moe: ("model.layers.", "experts.gate_up_proj.3") for moe in MOE_FAMILIES},
 }
 
 CASES = [
@@ -55,7 +60,7 @@ def run_prune(model_dir, text_file, out, method, sparsity_type, *extra):
 
 
 @pytest.mark.parametrize("method,sparsity_type", CASES)
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "opt", "gemma2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_prunes_end_to_end(tiny_dirs, text_file, tmp_path, family, method, sparsity_type):
     out = tmp_path / "out"
     run_prune(tiny_dirs[family], text_file, out, method, sparsity_type, "--save_model", "true")

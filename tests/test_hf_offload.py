@@ -16,7 +16,7 @@ from wanda_pl.families.hf_shards import (ShardWriter, checkpoint_index, empty_ca
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FAMILIES = ("llama", "gpt2", "opt", "gemma2")
+FAMILIES = ("llama", "gpt2", "opt", "gemma2", "mixtral", "qwen2_moe", "deepseek_v3")
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200, 3, 7]])
 
 
@@ -54,9 +54,15 @@ def blocks_and_rest(model):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_empty_model_holds_no_weights(tiny_dirs, family):
+    from transformers import AutoModelForCausalLM
+
     model = empty_causal_lm(tiny_dirs[family], torch.bfloat16)
     params = list(model.parameters())
-    assert params and all(p.is_meta and p.dtype == torch.bfloat16 and not p.requires_grad for p in params)
+    assert params and all(p.is_meta and not p.requires_grad for p in params)
+    # bfloat16 as asked, but where the family keeps a module in float32 (DeepSeek's router), as from_pretrained
+    want = {n: p.dtype for n, p in AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.bfloat16)
+            .named_parameters()}
+    assert {n: p.dtype for n, p in model.named_parameters()} == want
     assert all(not b.is_meta for b in model.buffers())
     assert not model.training and model.config.use_cache is False
     assert len(named_blocks(model)) == 2
@@ -110,6 +116,16 @@ def test_load_casts_to_the_dtype_asked(tiny_dirs):
     ref = reference(tiny_dirs["llama"]).model.layers[0]
     for (n, p), (_, q) in zip(model.model.layers[0].named_parameters(), ref.named_parameters()):
         assert p.dtype == torch.bfloat16 and torch.equal(p, q.to(torch.bfloat16)), n
+
+
+def test_load_keeps_the_float32_modules_of_a_family_float32(tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    model = empty_causal_lm(tiny_dirs["deepseek_v3"], torch.bfloat16)
+    load_into(model, [""], checkpoint_index(tiny_dirs["deepseek_v3"]), dtype=torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dirs["deepseek_v3"], dtype=torch.bfloat16).eval()
+    assert model.model.layers[0].mlp.gate.weight.dtype == torch.float32  # the router: float32 in DeepSeek
+    assert_same_model(model, ref)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -7,17 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli, saved_tiny, tiny_model
+from conftest import MOE_FAMILIES as MOE
+from conftest import run_cli, tiny_model
 from wanda_pl.callbacks import Calibration, Pruning
 from wanda_pl.modules.causal_lm import CausalLM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 
 
 @pytest.fixture(scope="module")
-def moe_dirs(tmp_path_factory, tokenizer):
-    return saved_tiny(tmp_path_factory, tokenizer, MOE)
+def moe_dirs(tiny_dirs):
+    return tiny_dirs
 
 
 def _prune(module, calib, *args, **kwargs):
@@ -225,18 +225,23 @@ def test_data_parallel_calibration_sums_each_expert_s_tokens(moe_dirs, text_file
 
 
 @pytest.mark.slow
-def test_a_killed_moe_run_resumes_bit_identical(moe_dirs, text_file, tmp_path):
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_a_killed_moe_run_resumes_bit_identical(moe_dirs, text_file, tmp_path, offload):
+    """offload disk: the experts are read fused from the per-expert checkpoint tensors, written back
+    per expert (the family's layout), read again from the written shard on resume; all equal to the
+    uninterrupted resident run."""
     import signal
 
-    from test_resume import assert_same_output, run
+    from test_resume import assert_same_output, run, weights
 
     args = ("--pruning.method", "sparsegpt")
     run(moe_dirs["mixtral"], text_file, tmp_path / "whole", *args)
     out = tmp_path / "runs" / "out"
-    killed = run(moe_dirs["mixtral"], text_file, out, *args, kill_after=0, check=False)
+    killed = run(moe_dirs["mixtral"], text_file, out, *args, "--model.offload", offload, kill_after=0, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    run(moe_dirs["mixtral"], text_file, out, *args, "--resume", "true")
+    run(moe_dirs["mixtral"], text_file, out, *args, "--model.offload", offload, "--resume", "true")
     assert_same_output(tmp_path / "whole", out)
+    assert set(weights(out / "model")) == set(weights(moe_dirs["mixtral"]))  # block_sparse_moe.experts.E.w1 ...
     whole, resumed = (json.loads((d / "report.json").read_text()) for d in (tmp_path / "whole", out))
     assert resumed["resumed_from_block"] == 1
     assert resumed["expert_tokens"] == whole["expert_tokens"]  # block 0's counts came back from its checkpoint
@@ -328,6 +333,9 @@ def test_expert_ratio_refusals_before_any_work(moe_dirs, tiny_dirs, text_file, t
     sweep = base_args(moe_dirs["mixtral"], text_file, tmp_path / "c", "--pruning.experts_ratio", "0.5")
     error, _ = run_cli(["sweep", *sweep[1:]])
     assert "a sweep restores the dense weights" in error and not (tmp_path / "c").exists()
+    error, _ = run_cli(base_args(moe_dirs["mixtral"], text_file, tmp_path / "d", "--pruning.experts_ratio", "0.5",
+                                 "--model.offload", "disk"))
+    assert "use model.offload cpu" in error and not (tmp_path / "d").exists()
 
 
 def test_reap_saliency_weighs_each_expert_output_by_its_routing_weight():

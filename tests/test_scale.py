@@ -33,7 +33,7 @@ def state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "opt", "gemma2", "mixtral", "qwen2_moe", "deepseek_v3"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_offload_cpu_and_disk_equal_resident(tiny_dirs, tmp_path, family, method):
     from transformers import AutoModelForCausalLM

@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 
 from ..assets.resolve import resolve_model
+from ..core.layers import fused_slice
 from ..core.onload import Placement
 from .hf_causal import DTYPES, named_blocks, non_block_modules
-from .hf_shards import ShardWriter, checkpoint_index, empty_causal_lm, load_into, state_of, unload
+from .hf_shards import Sources, ShardWriter, checkpoint_index, empty_causal_lm, load_into, read_tensor, state_of, unload
 
 def _big_allocations_mapped() -> None:
     """Have glibc serve every allocation of 1 MiB or more by its own mmap, returned to the system when
@@ -66,7 +67,8 @@ class DiskModel:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
         self.blocks = [name for name, _ in named_blocks(self.model)]
         self.stem = non_block_modules(self.model)
-        load_into(self.model, self.stem, self.index, "cpu", self.dtype)
+        self.sources = Sources(self.model, self.index)
+        load_into(self.model, self.stem, self.index, "cpu", self.dtype, self.sources)
         self.out: Optional[Path] = None  # where pruned blocks go (set by the command)
         self.writer: Optional[ShardWriter] = None
 
@@ -82,37 +84,45 @@ class DiskModel:
 
     def reuse_written(self, block: str) -> None:
         """Read ``block`` from the shard an interrupted run wrote for it (a resumed run)."""
-        self._point_at(self.writer.adopt(self.blocks.index(block)))
+        self._point_at(block, self.writer.adopt(self.blocks.index(block)))
 
-    def _point_at(self, shard: Path) -> None:
-        """Read the tensors of ``shard`` from there from now on (the writer knows which they are)."""
-        self.index.update({key: shard for key, name in self.writer.weight_map.items() if name == shard.name})
+    def _point_at(self, block: str, shard: Path) -> None:
+        """Read ``block``'s tensors from ``shard`` from now on (the writer knows which keys it holds). Its
+        keys in the input checkpoint are forgotten: were they in another layout (legacy names, fused
+        experts), they would still name the unpruned tensors."""
+        written = [key for key, name in self.writer.weight_map.items() if name == shard.name]
+        names = self.model.get_submodule(block).state_dict(prefix=f"{block}.")
+        for key in {k for name in names if name in self.sources for k in self.sources.keys_of(name)}:
+            self.index.pop(key, None)
+        self.index.update(dict.fromkeys(written, shard))
+        self.sources = Sources(self.model, self.index)
 
     def placement(self, device) -> "DiskPlacement":
         for name in self.stem:
             self.model.get_submodule(name).to(device)
         return DiskPlacement(self, device)
 
-    def _zeros(self, targets: Dict[str, nn.Module]) -> Dict[str, tuple]:
-        """(zeros, size) of each target's weight, read one at a time from where it is now."""
-        from safetensors import safe_open
+    def read(self, name: str) -> torch.Tensor:
+        """The model tensor ``name`` from where it is now (the input checkpoint, or the shard written)."""
+        return read_tensor(self.model, self.index, name, self.sources)
 
-        out = {}
+    def _zeros(self, targets: Dict[str, nn.Module]) -> Dict[str, tuple]:
+        """(zeros, size) of each target's weight, read one at a time (an expert's slice: from its fused
+        parameter, read once for all its experts) from where it is now."""
+        out, fused = {}, {}
         for name in targets:
-            key = f"{name}.weight"
-            with safe_open(str(self.index[key]), framework="pt", device="cpu") as f:
-                w = f.get_tensor(key)
+            where = fused_slice(self.model, name)
+            if where is None:
+                w = self.read(f"{name}.weight")
+            else:
+                fused = fused if where[0] in fused else {where[0]: self.read(where[0])}
+                w = fused[where[0]][where[1]]
             out[name] = (int((w == 0).sum()), w.numel())
         return out
 
     def weight_zeros(self, name: str, weight: torch.Tensor) -> int:
         """Zeros of the parameter ``name``: read from its shard while its block is not in memory."""
-        if not weight.is_meta:
-            return int((weight.detach() == 0).sum())
-        from safetensors import safe_open
-
-        with safe_open(str(self.index[name]), framework="pt", device="cpu") as f:
-            return int((f.get_tensor(name) == 0).sum())
+        return int(((weight if not weight.is_meta else self.read(name)).detach() == 0).sum())
 
     def layer_sparsity(self, targets: Dict[str, nn.Module]) -> Dict[str, float]:
         return {n: z / size for n, (z, size) in self._zeros(targets).items()}
@@ -126,7 +136,7 @@ class DiskModel:
         if self.out is None:
             raise RuntimeError("model.offload disk: the output folder for pruned blocks was never set")
         shard = self.writer.add(state_of(self.model, name), self.blocks.index(name))
-        self._point_at(shard)
+        self._point_at(name, shard)
         return shard
 
     def finish(self) -> None:
@@ -148,7 +158,7 @@ class DiskPlacement(Placement):
         self.disk, self.device = disk, torch.device(device)
 
     def enter(self, name: str, block: nn.Module) -> None:
-        load_into(self.disk.model, [name], self.disk.index, self.device, self.disk.dtype)
+        load_into(self.disk.model, [name], self.disk.index, self.device, self.disk.dtype, self.disk.sources)
 
     def leave(self, name: str, block: nn.Module, pruned: bool) -> None:
         if pruned:

@@ -4,8 +4,9 @@ Built without weights (:func:`empty_causal_lm`), each block is read from the mem
 files when its turn comes (:func:`load_into`), written once pruned as its own shard (:class:`ShardWriter`
 with :func:`state_of`: save_pretrained's keys and values) and freed (:func:`unload`). A tied weight is one
 Parameter held by several modules, as from_pretrained leaves it; loading or freeing it acts on all of them.
-Checkpoint keys are renamed as from_pretrained renames them (base-model prefix, legacy names); weight
-*converters* (fused MoE experts, split qkv) are not applied: such a checkpoint is refused by tensor name.
+Checkpoint keys are renamed and converted as from_pretrained does it, with transformers' own conversion
+table (base-model prefix, legacy names, and converters: per-expert MoE tensors fused into one 3-D
+parameter, split qkv ...), and written back in the checkpoint's own layout, as save_pretrained does.
 """
 from __future__ import annotations
 
@@ -99,51 +100,99 @@ def _set(holders, value: torch.Tensor, is_param: bool) -> None:
         (module._parameters if is_param else module._buffers)[attr] = value
 
 
-def _checkpoint_keys(model: nn.Module, index: Dict[str, Path]) -> Tuple[Dict[str, str], str]:
-    """model key -> checkpoint key, renamed as from_pretrained renames; and a hint where converters exist."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, rename_source_key
+class Sources:
+    """Where each model tensor comes from: a checkpoint key (``plain``), or several keys and the
+    transformers converter that fuses them (``fused``: model key -> (converter, [(key, pattern)]))."""
 
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    meta, prefix, keys = model.state_dict(), getattr(model, "base_model_prefix", None) or None, {}
-    for key in index:
-        keys.setdefault(rename_source_key(key, renamings, [], prefix, meta)[0], key)
-    return keys, ("; this family may need transformers' weight conversion (fused experts, split qkv), which "
-                  "model.offload cpu|disk does not do" if len(renamings) < len(transforms) else "")
+    def __init__(self, model: nn.Module, index: Dict[str, Path]) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta, prefix = model.state_dict(), getattr(model, "base_model_prefix", None) or None
+        self.plain: Dict[str, str] = {}
+        self.fused: Dict[str, tuple] = {}
+        # in natural key order: experts 0, 1, ..., 10 are stacked in that order, as from_pretrained stacks them
+        for key in sorted(index, key=dot_natural_key):
+            name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+            if pattern is None:
+                self.plain.setdefault(name, key)
+            else:
+                converter = next(c for c in converters if pattern in c.source_patterns)
+                self.fused.setdefault(name, (converter, []))[1].append((key, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.plain or name in self.fused
+
+    def keys_of(self, name: str) -> List[str]:
+        return [self.plain[name]] if name in self.plain else [key for key, _ in self.fused[name][1]]
 
 
-def load_into(model: nn.Module, module_names: Sequence[str], index: Dict[str, Path], device="cpu", dtype=None) -> None:
+class _Files(ExitStack):
+    """The checkpoint's files, each opened (memory-mapped) once while in use."""
+
+    def __init__(self, index: Dict[str, Path]) -> None:
+        super().__init__()
+        self.index, self.opened = index, {}
+
+    def get(self, key: str) -> torch.Tensor:
+        file = self.index[key]
+        if file not in self.opened:
+            self.opened[file] = self.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+        return self.opened[file].get_tensor(key)
+
+
+def _read(model: nn.Module, files: _Files, sources: Sources, name: str) -> torch.Tensor:
+    if name in sources.plain:
+        return files.get(sources.plain[name])
+    converter, parts = sources.fused[name]
+    converter = copy.deepcopy(converter)  # it collects the tensors it converts: one copy per model tensor
+    for key, pattern in parts:
+        converter.add_tensor(name, key, pattern, lambda key=key: files.get(key))
+    return converter.convert(name, model=model, config=getattr(model, "config", None))[name]
+
+
+def read_tensor(model: nn.Module, index: Dict[str, Path], name: str, sources: Optional[Sources] = None) -> torch.Tensor:
+    """The model tensor ``name`` as the checkpoint gives it (converted where transformers converts it)."""
+    with _Files(index) as files:
+        return _read(model, files, sources or Sources(model, index), name)
+
+
+def load_into(model: nn.Module, module_names: Sequence[str], index: Dict[str, Path], device="cpu", dtype=None,
+              sources: Optional[Sources] = None) -> None:
     """Materialise on ``device`` the parameters and persistent buffers of the named submodules ("" = all),
     cast to their dtype (floating ones to ``dtype`` when given). Tied as from_pretrained ties: read under any
-    name the checkpoint holds (the tie's source first), untied where it holds two names with different values."""
+    name the checkpoint holds (the tie's source first), untied where it holds two names with different values.
+    ``sources``: the key mapping of this model and checkpoint layout, computed when not given."""
     [model.get_submodule(name) for name in module_names]  # an unknown name: AttributeError names it
-    keys, hint = _checkpoint_keys(model, index)
+    sources = sources or Sources(model, index)
     targets = set(getattr(model, "all_tied_weights_keys", None) or {})
-    with ExitStack() as stack:
-        opened = {}
-
+    fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(getattr(model, "_keep_in_fp32_modules_strict",
+                                                                                  None) or ())
+    with _Files(index) as files:
         def read(name: str, like: torch.Tensor) -> torch.Tensor:
-            key, file = keys[name], index[keys[name]]
-            if file not in opened:
-                opened[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            shape = tuple(opened[file].get_slice(key).get_shape())
-            if shape != tuple(like.shape):
-                raise UserError(f"checkpoint tensor {key} in {file} has shape {list(shape)}, "
-                                f"the model's {name} needs {list(like.shape)}")
-            want = dtype if dtype is not None and like.is_floating_point() else like.dtype
-            return opened[file].get_tensor(key).to(device=device, dtype=want)
+            value = _read(model, files, sources, name)
+            if tuple(value.shape) != tuple(like.shape):
+                keys = ", ".join(sources.keys_of(name))
+                raise UserError(f"checkpoint tensor {keys} in {index[sources.keys_of(name)[0]]} gives shape "
+                                f"{list(value.shape)}, the model's {name} needs {list(like.shape)}")
+            # as from_pretrained: a family's float32 modules (DeepSeek's router) stay float32
+            kept = any(re.search(rf"(^|\.){re.escape(p)}($|\.)", name) for p in fp32)
+            want = dtype if dtype is not None and like.is_floating_point() and not kept else like.dtype
+            return value.to(device=device, dtype=want)
 
         for tensor, holders in _slots(model).values():
             if not any(_under(n, module_names) for n, _, _ in holders):
                 continue
             is_param = isinstance(tensor, nn.Parameter)
-            present = sorted((n for n, _, _ in holders if n in keys), key=lambda n: (n in targets, n))
+            present = sorted((n for n, _, _ in holders if n in sources), key=lambda n: (n in targets, n))
             if not present:
                 if not is_param:  # as from_pretrained: a buffer the checkpoint lacks keeps its computed value
                     continue
                 where = ", ".join(sorted({str(f.parent) for f in index.values()}))
-                raise UserError(f"checkpoint {where} has no tensor {' or '.join(n for n, _, _ in holders)}{hint}")
+                raise UserError(f"checkpoint {where} has no tensor {' or '.join(n for n, _, _ in holders)}")
             value, tied = read(present[0], tensor), list(holders)
             for holder in [h for h in holders if h[0] in present[1:]]:
                 other = read(holder[0], tensor)
@@ -177,12 +226,16 @@ def _tied_left_out(model: nn.Module) -> set:
 
 
 def state_of(model: nn.Module, module_name: str, tied_skip: bool = True) -> Dict[str, torch.Tensor]:
-    """The state_dict entries (full names) of one submodule, less ``_keys_to_ignore_on_save`` and, with
-    ``tied_skip``, less the tied entries save_pretrained leaves out."""
+    """The state_dict entries of one submodule as save_pretrained writes them: less
+    ``_keys_to_ignore_on_save``, with ``tied_skip`` less the tied entries it leaves out, and in the
+    checkpoint layout of the family (transformers' load-time conversions reverted: a fused experts
+    parameter is written back as one tensor per expert, under the family's own names)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
     entries = model.get_submodule(module_name).state_dict(prefix=f"{module_name}." if module_name else "")
     drop = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
     drop |= _tied_left_out(model) if tied_skip else set()
-    return {k: v for k, v in entries.items() if k not in drop}
+    return revert_weight_conversion(model, {k: v for k, v in entries.items() if k not in drop})
 
 
 def outside_blocks(model: nn.Module, block_names: Sequence[str]) -> List[str]:

@@ -137,6 +137,10 @@ class PruningSettings:
             if not moes:
                 raise ValueError(f"pruning.experts_ratio {self.experts_ratio:g} removes Mixture-of-Experts experts, "
                                  f"and this model has no fused experts")
+            if getattr(pl_module, "disk", None) is not None:
+                raise ValueError(f"pruning.experts_ratio {self.experts_ratio:g} reshapes every block before weight "
+                                 "pruning, and model.offload disk reads each block from the checkpoint for its turn: "
+                                 "use model.offload cpu (the same accelerator memory, the weights in host memory)")
             top_k = getattr(pl_module.model.config, "num_experts_per_tok", 1)
             for experts in moes:
                 to_remove(experts.gate_up_proj.shape[0], self.experts_ratio, top_k)
