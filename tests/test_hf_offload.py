@@ -11,8 +11,9 @@ from transformers import AutoConfig
 from conftest import tiny_config
 from wanda_pl.errors import UserError
 from wanda_pl.families.hf_causal import named_blocks
-from wanda_pl.families.hf_shards import (ShardWriter, checkpoint_index, empty_causal_lm, load_into,
+from wanda_pl.families.hf_shards import (checkpoint_index, empty_causal_lm, load_into,
                                           outside_blocks, state_of, unload)
+from wanda_pl.families.hf_writer import ShardWriter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,7 +18,8 @@ from ..assets.resolve import resolve_model
 from ..core.layers import fused_slice
 from ..core.onload import Placement
 from .hf_causal import DTYPES, named_blocks, non_block_modules
-from .hf_shards import Sources, ShardWriter, checkpoint_index, empty_causal_lm, load_into, read_tensor, state_of, unload
+from .hf_shards import Sources, checkpoint_index, empty_causal_lm, load_into, read_tensor, state_of, unload
+from .hf_writer import ShardWriter
 
 def _big_allocations_mapped() -> None:
     """Have glibc serve every allocation of 1 MiB or more by its own mmap, returned to the system when
