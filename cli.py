@@ -19,7 +19,7 @@ import lightning as L
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from wanda_pl.callbacks import Calibration, Pruning, ZeroShot
+from wanda_pl.callbacks import Calibration, Distillation, Pruning, ZeroShot
 
 
 class WandaTrainer(Trainer):
@@ -113,6 +113,7 @@ class Command:
     group: options of a dataclass (sweep's grid), see ``Group``.
     before_check: called with output_dir before that check (the sweep takes back a killed point).
     standalone: a command that needs no model: called with the rest of argv before LightningCLI.
+    callbacks: (key, class) of callbacks only this command has, as ``--<key>.*`` (fit's ``distill``).
     """
 
     skip: frozenset = frozenset({"model", "datamodule"})
@@ -120,6 +121,7 @@ class Command:
     group: Optional[Group] = None
     before_check: Optional[Callable[[str], None]] = None
     standalone: Optional[Callable[[List[str]], None]] = None
+    callbacks: tuple = ()
 
     def skipped(self) -> set:
         """The method's arguments that are not options (its value in ``WandaCLI.subcommands()``)."""
@@ -156,7 +158,8 @@ def _assets(argv: List[str]) -> None:
 
 # Lightning's validate, test and predict run as they are; fit is Lightning's with a report.
 COMMANDS = {
-    "fit": Command(skip=frozenset(LightningCLI.subcommands()["fit"]), reports=True),
+    "fit": Command(skip=frozenset(LightningCLI.subcommands()["fit"]), reports=True,
+                   callbacks=(("distill", Distillation),)),
     "prune": Command(reports=True),
     "sweep": Command(reports=True, group=Group("sweep", "grid", _grid), before_check=_adopt_committed),
     "assets": Command(standalone=_assets),
@@ -174,6 +177,8 @@ class WandaCLI(LightningCLI):
         group = getattr(COMMANDS.get(subcommand), "group", None)
         if group is not None:
             parser.add_class_arguments(group.load(), group.key, as_group=False)
+        for key, callback in getattr(COMMANDS.get(subcommand), "callbacks", ()):
+            parser.add_lightning_class_args(callback, key)
         return parser
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:

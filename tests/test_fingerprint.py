@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from wanda_pl.commands import fingerprint
-from wanda_pl.commands.fingerprint import changed_files, file_record, model_files
+from wanda_pl.assets import fingerprint
+from wanda_pl.assets.fingerprint import changed_files, file_record, model_files
 
 
 def fake_safetensors(path, fill: bytes, size: int):

@@ -14,13 +14,14 @@ atomically into ``output_dir``:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ..callbacks import Pruning, ZeroShot
+from ..callbacks import Distillation, Pruning, ZeroShot
 from ..callbacks.lookup import find_callback
 from ..modules.protocol import require
 from ..training import lora
@@ -63,7 +64,7 @@ def fit_and_report(
 ) -> Dict[str, Any]:
     """Fine-tune with every mask kept and write the report:
 
-    1. check the input, on every rank, before any work;
+    1. check the input, on every rank, before any work; keep the distillation teacher (before pruning);
     2. measure before (the Pruning callback obtains and applies the masks as validation starts);
     3. fine-tune with Lightning's own ``fit``, every mask kept by the Pruning callback;
     4. LoRA: save the adapters as trained, then merge them (masked) into the weights;
@@ -74,6 +75,9 @@ def fit_and_report(
     pruning = find_callback(trainer, Pruning)
     zero_shot = find_callback(trainer, ZeroShot)
     inputs, writes = _check(trainer, model, datamodule, pruning, config, output_dir, ckpt_path)  # 1
+    distill = find_callback(trainer, Distillation)
+    if distill is not None and distill.enabled:  # the dense weights, before the masks; a cache built here
+        distill.prepare(model, datamodule, trainer.world_size, build_cache=os.environ.get("LOCAL_RANK", "0") == "0")
     with staged_output(trainer, output_dir, inputs, "fit", writes) as stage:
         # 2. On a resumed run the starting point is gone (the checkpoint holds trained weights).
         before = evaluate(trainer, model, datamodule, zero_shot) if validate_before and ckpt_path is None else None
@@ -87,6 +91,8 @@ def fit_and_report(
         sparsity_before = pruning.start_sparsity if pruning is not None and pruning.start_sparsity is not None \
             else sparsity_measured
         mode = model.finetune_describe()  # before merging
+        if distill is not None:
+            mode["distill"] = distill.describe()  # teacher, losses first and last, tokens seen
         merge = _merge_lora(trainer, model, datamodule, pruning, masks, stage)  # 4
         after = evaluate(trainer, model, datamodule, zero_shot)  # 5
         report = _report(trainer, model, datamodule, pruning, masks, (mode, merge), (before, after),  # 6

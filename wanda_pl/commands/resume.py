@@ -4,7 +4,7 @@ After each block is final, rank 0 writes its weights (not for ``offload: disk``,
 blocks are already shards in the same folder) and masks, and every rank writes the activations
 entering the next block and then its progress, each file atomically. ``--resume true`` restarts
 after the last block every rank finished, with bit-identical results; a resume with other
-settings, or after the model's files changed on disk (:mod:`.fingerprint`), is refused, naming
+settings, or after the model's files changed on disk (:mod:`wanda_pl.assets.fingerprint`), is refused, naming
 what differs. Without ``--resume`` a staging folder left by a killed run is reported and
 replaced, never reused; a finished run deletes its own."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..core.engine import PruneResult
 from ..core.hooks import BlockInput
 from ..errors import UserError
-from .fingerprint import changed_files, model_files
+from ..assets.fingerprint import changed_files, model_files
 
 log = logging.getLogger(__name__)
 

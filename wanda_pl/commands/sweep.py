@@ -30,7 +30,7 @@ from ..methods import STEP_KINDS, step_names
 from ..methods.settings import PruningSettings
 from ..modules.protocol import require
 from .steps import Evaluation, evaluate, lightning_writes
-from .fingerprint import changed_files, model_files
+from ..assets.fingerprint import changed_files, model_files
 from .lock import output_lock
 from ..errors import UserError
 from .outputs import (MARKER, check_output_dir, claim, foreign_entries, owned_entries, remove_leftovers,

@@ -25,6 +25,9 @@ class TextDataModule(L.LightningDataModule):
         seed: seed of the calibration sampling (``random.seed`` as the reference); linked to ``seed_everything``.
         max_eval_windows: evaluate only the first windows (None: all of them, as the paper).
         batch_size: windows per evaluation / training batch.
+        train: text source for fine-tuning, the same choices (None: the calibration windows). Its
+            ``nsamples`` windows are drawn from the source's training split (a file: refused when it
+            is the evaluation file), so they never overlap the evaluation windows.
     """
 
     def __init__(
@@ -36,13 +39,18 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 0,
         max_eval_windows: Optional[int] = None,
         batch_size: int = 1,
+        train: Optional[str] = None,
     ) -> None:
         super().__init__()
         check_at_least(nsamples=(nsamples, 1), seqlen=(seqlen, 2), max_eval_windows=(max_eval_windows, (1, None)),
                        batch_size=(batch_size, 1))
         self.calibration, self.evaluation = calibration, evaluation
         self.nsamples, self.seqlen, self.seed = nsamples, seqlen, seed
-        self.max_eval_windows, self.batch_size = max_eval_windows, batch_size
+        self.max_eval_windows, self.batch_size, self.train = max_eval_windows, batch_size, train
+        if train is not None and _same_file(train, evaluation):
+            raise ValueError(f"data.train {train!r} is the evaluation file: its windows would overlap the evaluation; "
+                             f"give another file (or a source with a training split: wikipedia, wikitext2, c4)")
+        self._train: Optional[torch.Tensor] = None
         self.tokenizer, self.vocab_size = None, None
         self._calib: Optional[torch.Tensor] = None
         self._eval: Optional[torch.Tensor] = None
@@ -59,6 +67,7 @@ class TextDataModule(L.LightningDataModule):
         self.connect(module.tokenizer, module.max_length, _embedded(module.model))
         self.calibration_ids()
         self.evaluation_ids()
+        self.train_ids()
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None and self.trainer is not None:
@@ -85,6 +94,16 @@ class TextDataModule(L.LightningDataModule):
 
     calibration_data = calibration_ids  # the name the calibration callback asks every datamodule for
 
+    def train_ids(self) -> torch.Tensor:
+        """(nsamples, seqlen) fine-tuning windows: the calibration ones unless ``train`` names a source."""
+        if self.train is None:
+            return self.calibration_ids()
+        if self._train is None:
+            self._need_tokenizer()
+            self._train = calibration_windows(self._load(self.train, "calibration"), self.tokenizer, self.nsamples,
+                                              self.seqlen, self.seed)
+        return self._train
+
     def evaluation_ids(self) -> torch.Tensor:
         if self._eval is None:
             self._need_tokenizer()
@@ -103,7 +122,7 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(TensorDataset(ids[idx]), batch_size=self.batch_size, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
-        ids = self.calibration_ids()
+        ids = self.train_ids()
         idx = torch.tensor(my_share(len(ids), self.trainer), dtype=torch.long)
         gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(TensorDataset(ids[idx]), batch_size=self.batch_size, shuffle=True, generator=gen)
@@ -113,8 +132,16 @@ class TextDataModule(L.LightningDataModule):
             "calibration": self.calibration, "evaluation": self.evaluation, "nsamples": self.nsamples,
             "seqlen": self.seqlen, "seed": self.seed, "max_eval_windows": self.max_eval_windows,
             "eval_windows": None if self._eval is None else len(self._eval),
+            **({"train": self.train} if self.train is not None else {}),
         }
 
+
+
+def _same_file(a: str, b: str) -> bool:
+    from pathlib import Path
+
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_file() and pb.is_file() and pa.resolve() == pb.resolve()
 
 
 def _embedded(network) -> int:

@@ -252,7 +252,8 @@ class CausalLM(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         (ids,) = batch
-        return record_train_loss(self, window_nll(self(ids), ids).mean())
+        distill = self.__dict__.get("distill")  # set by the Distillation callback
+        return record_train_loss(self, window_nll(self(ids), ids).mean() if distill is None else distill.step(self, ids))
 
     def configure_optimizers(self):
         return adamw(self.model, self.hparams.learning_rate, self.hparams.weight_decay)
