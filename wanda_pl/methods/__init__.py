@@ -13,7 +13,7 @@ import typing
 from typing import Any, Dict, List, NamedTuple, Tuple
 
 from ..core.method import Method, option_doc
-from . import ablations, admm, dsnot, magnitude, ria, sparsegpt, wanda
+from . import ablations, admm, dsnot, magnitude, ria, sparsegpt, swaps, wanda
 from .base import Step
 
 METHODS: Dict[str, Method] = {m.name: m for m in (
@@ -26,6 +26,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
 )}
 STEPS: Dict[str, Step] = {s.name: s for s in (
     dsnot.STEP,
+    swaps.STEP,
     admm.STEP,
 )}
 STEP_KINDS = ("refine", "update")
