@@ -81,6 +81,7 @@ def assert_same_output(a: Path, b: Path):
 @pytest.mark.parametrize("method,offload,extra", [
     ("sparsegpt", "none", ()), ("wanda", "disk", ()),
     ("ria", "none", ("--pruning.sparsity_type", "2:4", "--pruning.ria_permute", "true")),  # + permutations.pt
+    ("wanda", "disk", ("--pruning.reconstruct", "attn_mlp", "--pruning.reconstruct_steps", "3")),  # fitted blocks
 ])
 def test_sigkill_after_block_1_resumes_bit_identical(deep_llama, text_file, tmp_path, method, offload, extra):
     args = ("--pruning.method", method, "--model.offload", offload, *extra)
@@ -101,7 +102,7 @@ def test_sigkill_after_block_1_resumes_bit_identical(deep_llama, text_file, tmp_
     # offload=disk's output equals the resident run's, bit for bit
     if offload == "disk":
         resident = tmp_path / "resident"
-        run(deep_llama, text_file, resident, "--pruning.method", method)
+        run(deep_llama, text_file, resident, "--pruning.method", method, *extra)
         assert_same_output(resident, out)
 
 

@@ -52,12 +52,15 @@ class Pruning(Callback):
                  owl_lambda: float = 0.08,
                  profile: Optional[Union[List[float], Dict[str, float]]] = None,
                  min_expert_tokens: Optional[int] = None, rare_experts: str = "magnitude", experts_ratio: float = 0.0,
-                 enabled: bool = False, masks_from: Optional[str] = None,
+                 reconstruct: str = "none", reconstruct_steps: int = 50, reconstruct_lr: float = 1e-4,
+                 reconstruct_batch: int = 4, enabled: bool = False, masks_from: Optional[str] = None,
                  **method_options: Any) -> None:
         given = dict(method=method, sparsity_ratio=sparsity_ratio, sparsity_type=sparsity_type, refine=refine,
                      update=update, bias_correction=bias_correction, allocation=allocation, owl_m=owl_m,
                      owl_lambda=owl_lambda, profile=profile, min_expert_tokens=min_expert_tokens,
-                     rare_experts=rare_experts, experts_ratio=experts_ratio)
+                     rare_experts=rare_experts, experts_ratio=experts_ratio, reconstruct=reconstruct,
+                     reconstruct_steps=reconstruct_steps, reconstruct_lr=reconstruct_lr,
+                     reconstruct_batch=reconstruct_batch)
         self.settings = PruningSettings.from_args(**given, **method_options)
         if masks_from is not None and masks_from != "zeros":
             if not mask_files(masks_from):
@@ -124,7 +127,7 @@ class Pruning(Callback):
             blocks, inputs, pl_module.block_targets, settings.method, plan, settings.options,
             bias_correction=settings.bias_correction, propagate=calib.propagate, store_device=store,
             progress=trainer.is_global_zero, placement=placement, start=start, on_block=ckpt.save,
-            keep_masks=getattr(ckpt, "keep_masks", True), rare=settings.rare,
+            keep_masks=getattr(ckpt, "keep_masks", True), rare=settings.rare, reconstruct=settings.reconstruct,
         )
         merge_resumed(done, result, start)
         result.experts = removed

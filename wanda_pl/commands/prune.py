@@ -135,6 +135,7 @@ def _report(trainer, model, datamodule, settings, result, pair, config, sections
                  **({"permutations": PERMUTATIONS_FILE} if result.permutations else {}),
                  **({"expert_tokens": expert_tokens(targets, result.tokens), "rare_expert_layers": result.rare}
                     if has_experts(targets) else {}),
+                 **({"reconstruction": result.reconstruction} if result.reconstruction else {}),
                  **({"experts_pruned": result.experts,
                      "parameters": sum(p.numel() for p in model.model.parameters())} if result.experts else {}),
                  **_results(model, dense, pruned)},

@@ -170,6 +170,7 @@ class BlockCheckpoints:
             done.permutations.update(saved.get("permutations", {}))
             done.tokens.update(saved.get("tokens", {}))
             done.rare.update(saved.get("rare", {}))
+            done.reconstruction.update(saved.get("reconstruction", {}))
         hidden = torch.load(self.folder / f"inputs-{start - 1:05d}.rank{self.rank}.pt", weights_only=True)
         if len(hidden) != len(inputs):
             raise UserError(f"--resume: the staging folder holds {len(hidden)} calibration batches for rank "
@@ -199,7 +200,9 @@ class BlockCheckpoints:
             masks = {"masks": {n: result.masks[n] for n in names}, "plan": {n: result.plan[n] for n in names},
                      "permutations": {n: result.permutations[n] for n in names if n in result.permutations},
                      "tokens": {n: result.tokens[n] for n in names if n in result.tokens},
-                     "rare": {n: result.rare[n] for n in names if n in result.rare}}
+                     "rare": {n: result.rare[n] for n in names if n in result.rare},
+                     "reconstruction": {n: v for n, v in result.reconstruction.items() if n == name or
+                                        n.startswith(name + ".")}}
             _atomic(self.folder / f"masks-{index:05d}.pt", lambda p: torch.save(masks, p))
         hidden = [inp.hidden for inp in inputs]
         _atomic(self.folder / f"inputs-{index:05d}.rank{self.rank}.pt", lambda p: torch.save(hidden, p))

@@ -35,6 +35,7 @@ from . import correction
 from .distributed import check_same, sum_stats
 from .hooks import BlockInput, collect_stats
 from .onload import Placement
+from .reconstruct import Reconstruction, parts, reconstruct_block, record_calls
 from .stats import LayerStats
 from .plan import Plan, plan_for
 from .precision import as_compute
@@ -66,6 +67,7 @@ class PruneResult:
     tokens: Dict[str, int] = field(default_factory=dict)  # name -> calibration tokens it saw (all ranks)
     rare: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # rare experts' slices: tokens, what they took
     experts: Dict[str, Dict[str, list]] = field(default_factory=dict)  # whole experts removed, per MoE (REAP)
+    reconstruction: Dict[str, Dict[str, float]] = field(default_factory=dict)  # part -> output error before/after
 
 
 class NoCheckpoints:
@@ -88,6 +90,7 @@ def merge_resumed(done: PruneResult, result: PruneResult, start: int) -> None:
     result.masks, result.plan = {**done.masks, **result.masks}, {**done.plan, **result.plan}
     result.permutations = {**done.permutations, **result.permutations}
     result.tokens, result.rare = {**done.tokens, **result.tokens}, {**done.rare, **result.rare}
+    result.reconstruction = {**done.reconstruction, **result.reconstruction}
     result.resumed_from = start
 
 
@@ -172,6 +175,7 @@ def prune_sequential(
     on_block: Optional[OnBlock] = None,
     keep_masks: bool = True,
     rare: Optional[RareExperts] = None,
+    reconstruct: Optional[Reconstruction] = None,
 ) -> PruneResult:
     """Prune ``blocks`` in order; ``inputs`` are the captured inputs of the first block; ``plan``
     gives each layer its sparsity (one spec: all of them); ``options`` are the method's.
@@ -181,7 +185,8 @@ def prune_sequential(
     name, block, inputs, result)`` runs after each block is final and given back (checkpoints);
     without ``keep_masks`` a block's masks are dropped after it (the checkpoints hold them: a model
     offloaded to disk must not hold a byte per weight of its whole depth); ``rare``: what MoE experts
-    that calibration barely reached get (:class:`RareExperts`). Under
+    that calibration barely reached get (:class:`RareExperts`); ``reconstruct``: fit each pruned block's
+    kept weights to the dense block's outputs (:mod:`wanda_pl.core.reconstruct`). Under
     ``torch.distributed`` each rank passes its share of the samples: statistics are summed over
     the ranks before any mask is chosen, and the masks checked equal on every rank."""
     result = PruneResult()
@@ -192,7 +197,8 @@ def prune_sequential(
     options = method.options() if options is None else options
     if bias_correction:
         correction.check_possible(every_target, [b for _, b in blocks])
-    active = needs_activations(method, bias_correction)
+    rec = reconstruct if reconstruct is not None and reconstruct.enabled else None
+    active = needs_activations(method, bias_correction) or rec is not None
     todo = list(zip(range(len(blocks)), blocks, all_targets))[start:]
     what = "blocks" if active else "layers"
     bar = tqdm(todo, desc=f"{method.name}: {what}", disable=not progress, initial=start, total=len(blocks))
@@ -200,7 +206,7 @@ def prune_sequential(
         placement.enter(name, block)
         if active:
             _calibrate_and_prune(block, targets, inputs, method, {n: plan[n] for n in targets}, options, result,
-                                 bias_correction, propagate, store_device, rare)
+                                 bias_correction, propagate, store_device, rare, (name, index, rec))
         else:
             prune_layers(targets, {}, method, {n: plan[n] for n in targets}, options, result)
         check_same(name, {n: result.masks[n] for n in targets})
@@ -215,19 +221,27 @@ def prune_sequential(
 
 
 def _calibrate_and_prune(block, targets, inputs, method, plan, options, result, bias_correction, propagate,
-                         store_device, rare=None) -> None:
-    """One block's turn: pass 1 (statistics, summed over ranks), its masks, pass 2; ``inputs`` then
-    hold what enters the next block."""
+                         store_device, rare=None, where=("", 0, None)) -> None:
+    """One block's turn: pass 1 (statistics, summed over ranks; with a reconstruction, the dense
+    outputs of what it fits), its masks, the reconstruction, pass 2; ``inputs`` then hold what enters
+    the next block. ``where``: (the block's name, its index, the reconstruction or None)."""
+    name, index, rec = where
     device = _device(block, store_device)
     t0 = time.perf_counter()
     finding = correction.find_sinks(block, targets) if bias_correction else nullcontext(None)
-    with torch.no_grad(), collect_stats(targets, method.needs_hessian) as stats, finding as sinks:
+    recording = record_calls(parts(block, targets, name, rec.mode), store_device) if rec else nullcontext({})
+    with torch.no_grad(), collect_stats(targets, method.needs_hessian) as stats, finding as sinks, recording as calls:
         outs = [inp.call(block, device).to(store_device) for inp in inputs]
     sum_stats(stats)
     result.forward_s += time.perf_counter() - t0
     result.tokens.update({n: int(s.tokens) for n, s in stats.items()})  # an MoE expert: the tokens routed to it
     prune_layers(targets, stats, method, plan, options, result, sinks, bias_correction, rare)
     del stats
+    if rec is not None:
+        t0 = time.perf_counter()
+        result.reconstruction.update(reconstruct_block(block, name, targets, result.masks, calls, rec, device,
+                                                       seed=rec.seed + index))
+        result.method_s += time.perf_counter() - t0
     if propagate:
         t0 = time.perf_counter()
         with torch.no_grad():

@@ -17,6 +17,7 @@ from ..core.layers.experts import RareExperts
 from ..core.engine import check_targets, needs_activations
 from ..core.method import Method
 from ..core.plan import Plan, uniform
+from ..core.reconstruct import MODES, Reconstruction
 from ..core.sparsity import SparsitySpec
 from . import METHODS, STEP_KINDS, check_options, get_method, get_step, options, step_names
 from .compose import compose
@@ -25,7 +26,8 @@ from .wanda import wanda_score
 # The settings every pruning has, beside the methods' own options (their defaults are the CLI's).
 GENERAL = dict(method="wanda", sparsity_ratio=None, sparsity_type="unstructured", refine="none", update="none",
                bias_correction=False, allocation="uniform", owl_m=5.0, owl_lambda=0.08, profile=None,
-               min_expert_tokens=None, rare_experts="magnitude", experts_ratio=0.0)
+               min_expert_tokens=None, rare_experts="magnitude", experts_ratio=0.0, reconstruct="none",
+               reconstruct_steps=50, reconstruct_lr=1e-4, reconstruct_batch=4)
 
 
 def general_docs() -> Dict[str, str]:
@@ -50,6 +52,11 @@ def general_docs() -> Dict[str, str]:
                         "the report lists them (``rare_expert_layers``).",
         "experts_ratio": "Mixture-of-Experts: remove this share of every block's experts first, lowest REAP "
                          "saliency (routing weight x output norm) first; the saved model is smaller.",
+        "reconstruct": f"after a block is pruned, fit its kept weights (masks fixed) to the dense block's outputs: "
+                       f"one of {', '.join(MODES)} (``attn_mlp``: attention and MLP each to its own output).",
+        "reconstruct_steps": "Adam steps of each reconstruction.",
+        "reconstruct_lr": "learning rate of the reconstruction's Adam.",
+        "reconstruct_batch": "calibration samples per reconstruction step.",
     }
 
 
@@ -61,6 +68,7 @@ class PruningSettings:
     options: Any  # the method's (and its steps') options, checked
     allocation: Allocation
     rare: RareExperts  # what MoE experts that calibration barely reached get
+    reconstruct: Reconstruction  # the block-level reconstruction after each block (mode none: off)
 
     @classmethod
     def from_args(cls, **given: Any) -> "PruningSettings":
@@ -88,7 +96,9 @@ class PruningSettings:
         if not (isinstance(args["experts_ratio"], (int, float)) and 0 <= args["experts_ratio"] < 1):
             raise ValueError(f"pruning.experts_ratio must be in [0, 1), got {args['experts_ratio']!r}")
         rare = RareExperts(args["min_expert_tokens"], args["rare_experts"], get_method("magnitude"))
-        return cls(args, spec, method, chosen, allocation, rare)
+        reconstruct = Reconstruction(args["reconstruct"], args["reconstruct_steps"], args["reconstruct_lr"],
+                                     args["reconstruct_batch"])
+        return cls(args, spec, method, chosen, allocation, rare, reconstruct)
 
     def replace(self, **changes: Any) -> "PruningSettings":
         return PruningSettings.from_args(**{**self.args, **changes})
@@ -104,7 +114,7 @@ class PruningSettings:
     @property
     def needs_activations(self) -> bool:
         return needs_activations(self.method, self.bias_correction) or self.allocation.needs_activations \
-            or self.experts_ratio > 0
+            or self.experts_ratio > 0 or self.reconstruct.enabled
 
     def describe(self) -> Dict[str, Any]:
         """The report's ``method`` section."""
@@ -120,6 +130,7 @@ class PruningSettings:
             **self.allocation.describe(),
             # only when set: the fingerprints of earlier sweep points (made from this) stay what they were
             **{k: a[k] for k in ("min_expert_tokens", "rare_experts", "experts_ratio") if a[k] != GENERAL[k]},
+            **({k: a[k] for k in a if k.startswith("reconstruct")} if self.reconstruct.enabled else {}),
         }
 
     def check(self, pl_module) -> None:

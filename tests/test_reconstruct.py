@@ -1,0 +1,133 @@
+"""Block-level reconstruction (``--pruning.reconstruct block|attn_mlp``): masks never change, pruned
+weights stay exactly zero, each block's output error on its calibration inputs goes down against the
+layer-wise result, deterministic, and offloaded runs equal the resident one."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import run_cli
+from wanda_pl.callbacks import Calibration, Pruning
+from wanda_pl.core.reconstruct import Reconstruction
+from wanda_pl.modules.causal_lm import CausalLM
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _ids(seed, n=6, seqlen=24):
+    return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _prune(module, ids, **kw):
+    dm = SimpleNamespace(calibration_data=lambda: ids)
+    trainer = SimpleNamespace(callbacks=[Calibration()], is_global_zero=False, datamodule=dm, global_rank=0,
+                              world_size=1)
+    pruning = Pruning("wanda", sparsity_ratio=0.5, **kw)
+    pruning.prune(trainer, module)
+    return pruning
+
+
+def _block_errors(folder, pruned, ids):
+    """Each block's output error, dense block vs pruned block on the pruned model's own inputs."""
+    dense = CausalLM(str(folder))
+    errors = []
+    seen = {}
+    hooks = [b.register_forward_hook(lambda m, a, kw, o, i=i: seen.setdefault(i, []).append((a, kw)),
+                                     with_kwargs=True) for i, b in enumerate(pruned.model.model.layers)]
+    with torch.no_grad():
+        pruned.model(input_ids=ids)
+        for h in hooks:
+            h.remove()
+        for i, (db, pb) in enumerate(zip(dense.model.model.layers, pruned.model.model.layers)):
+            total = 0.0
+            for args, kwargs in seen[i]:
+                d, p = db(*args, **kwargs), pb(*args, **kwargs)
+                d, p = (x[0] if isinstance(x, tuple) else x for x in (d, p))
+                total += float((d - p).pow(2).mean())
+            errors.append(total)
+    return errors
+
+
+@pytest.mark.parametrize("mode", ["block", "attn_mlp"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_masks_unchanged_zeros_kept_and_each_block_closer_to_dense(tiny_dirs, mode, seed):
+    ids = _ids(seed)
+    plain = CausalLM(str(tiny_dirs["llama"]))
+    layerwise = _prune(plain, ids)
+    fitted = CausalLM(str(tiny_dirs["llama"]))
+    rec = _prune(fitted, ids, reconstruct=mode, reconstruct_steps=30, reconstruct_lr=1e-3)
+    assert list(rec.masks) == list(layerwise.masks)
+    for name, mask in rec.masks.items():
+        if name.startswith("model.layers.0."):  # same inputs: the layer-wise method's mask, untouched
+            assert torch.equal(mask, layerwise.masks[name]), name
+        assert bool((mask.sum(1) == mask.shape[1] // 2).all()), name  # later blocks: their own, still exact
+        w = fitted.model.get_submodule(name).weight
+        assert bool((w[mask] == 0).all()), name  # pruned stays exactly zero
+        assert int((w == 0).sum()) == int(mask.sum()), name  # and no kept weight was fitted to zero
+    moved = [n for n in layerwise.masks if not torch.equal(fitted.model.get_submodule(n).weight,
+                                                            plain.model.get_submodule(n).weight)]
+    assert moved  # kept weights were fitted
+    for n, p in fitted.model.named_parameters():  # nothing else moved: norms, embeddings, head
+        if not any(n.startswith(t) for t in layerwise.masks):
+            assert torch.equal(p, dict(plain.model.named_parameters())[n]), n
+    before, after = _block_errors(tiny_dirs["llama"], plain, ids), _block_errors(tiny_dirs["llama"], fitted, ids)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+    report = rec.result.reconstruction
+    assert all(v["after"] < v["before"] for v in report.values())
+
+
+def test_deterministic_and_offload_cpu_and_disk_equal_the_resident_run(tiny_dirs, tmp_path):
+    ids = _ids(2)
+    runs = {}
+    for offload in ("none", "none-again", "cpu", "disk"):
+        module = CausalLM(str(tiny_dirs["llama"]), offload=offload.split("-")[0])
+        if offload == "disk":
+            module.disk.write_to(tmp_path / "out")
+        runs[offload] = _prune(module, ids, reconstruct="attn_mlp", reconstruct_steps=5, reconstruct_lr=1e-3)
+        if offload == "disk":
+            module.disk.finish()
+            from transformers import AutoModelForCausalLM
+
+            runs["disk-weights"] = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+        else:
+            runs[offload + "-weights"] = {k: v.clone() for k, v in module.model.state_dict().items()}
+    want = runs["none-weights"]
+    for other in ("none-again", "cpu", "disk"):
+        got = runs[f"{other}-weights"]
+        assert all(torch.equal(want[k], got[k]) for k in want), other
+        assert runs[other].result.reconstruction == runs["none"].result.reconstruction
+
+
+def test_moe_experts_are_fitted_with_every_expert_mask_kept(tiny_dirs):
+    ids = _ids(3)
+    module = CausalLM(str(tiny_dirs["mixtral"]))
+    pruning = _prune(module, ids, reconstruct="block", reconstruct_steps=5, reconstruct_lr=1e-3)
+    experts = module.model.model.layers[0].mlp.experts
+    for e in range(4):
+        for param in ("gate_up_proj", "down_proj"):
+            mask = pruning.masks[f"model.layers.0.mlp.experts.{param}.{e}"]
+            assert bool((getattr(experts, param)[e][mask] == 0).all())
+    assert all(v["after"] <= v["before"] for v in pruning.result.reconstruction.values())
+
+
+def test_bad_reconstruction_settings_are_refused():
+    for kw, message in ((dict(mode="all"), "pruning.reconstruct must be one of none, block, attn_mlp"),
+                        (dict(mode="block", steps=0), "reconstruct_steps must be an integer >= 1"),
+                        (dict(mode="block", lr=0), "reconstruct_lr must be > 0"),
+                        (dict(mode="block", batch=0), "reconstruct_batch must be an integer >= 1")):
+        with pytest.raises(ValueError, match=message):
+            Reconstruction(**kw)
+
+
+def test_cli_reports_the_reconstruction(tiny_dirs, text_file, tmp_path):
+    from test_cli import base_args
+
+    out = tmp_path / "out"
+    error, _ = run_cli(base_args(tiny_dirs["llama"], text_file, out, "--pruning.method", "wanda", "--pruning.reconstruct",
+                                 "block", "--pruning.reconstruct_steps", "3"))
+    assert error is None, error
+    report = json.loads((out / "report.json").read_text())
+    assert report["reconstruct"] == "block" and report["reconstruct_steps"] == 3
+    assert set(report["reconstruction"]) == {"model.layers.0", "model.layers.1"}
+    # a killed and resumed run (its fitted blocks from the checkpoints): tests/test_resume.py
