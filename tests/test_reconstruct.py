@@ -131,3 +131,23 @@ def test_cli_reports_the_reconstruction(tiny_dirs, text_file, tmp_path):
     assert report["reconstruct"] == "block" and report["reconstruct_steps"] == 3
     assert set(report["reconstruction"]) == {"model.layers.0", "model.layers.1"}
     # a killed and resumed run (its fitted blocks from the checkpoints): tests/test_resume.py
+
+
+@pytest.mark.slow
+def test_two_data_parallel_ranks_fit_one_model(tiny_dirs, text_file, tmp_path):
+    """Each rank fits on its share with the gradients averaged over ranks every step: the ranks' weights
+    stay equal (the next block's masks are checked equal on every rank by the run itself), every block
+    gets closer to dense, the saved model holds every mask's zeros."""
+    from transformers import AutoModelForCausalLM
+
+    from test_ddp import run
+
+    report = run(tiny_dirs["llama"], text_file, tmp_path / "two", "--pruning.reconstruct", "attn_mlp",
+                 "--pruning.reconstruct_steps", "5", "--pruning.reconstruct_lr", "1e-3",
+                 "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    assert report["devices"] == 2 and report["calibration_samples_per_rank"] == [3, 2]
+    assert all(v["after"] < v["before"] for v in report["reconstruction"].values())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model")
+    masks = torch.load(tmp_path / "two" / "masks.pt", weights_only=True)
+    for name, mask in masks.items():
+        assert torch.equal(model.get_submodule(name).weight == 0, mask), name
