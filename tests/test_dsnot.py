@@ -101,7 +101,7 @@ def test_zero_cycles_is_the_initial_mask():
     (dict(dsnot_threshold=-0.5), "pruning.dsnot_threshold must be >= 0"),  # checked for every method
     (dict(refine="dsnot", method="sparsegpt"), "sparsegpt updates its weights itself"),
     (dict(refine="dsnot", bias_correction=True), "bias_correction restores exactly"),
-    (dict(refine="grow"), "pruning.refine must be one of ('none', 'dsnot')"),
+    (dict(refine="grow"), "pruning.refine must be one of ('none', 'dsnot', 'swaps')"),
 ])
 def test_bad_dsnot_settings_are_refused(kwargs, expected):
     with pytest.raises(ValueError, match=re.escape(expected)):

@@ -213,3 +213,32 @@ def test_statistics_keep_fp64_and_never_go_below_fp32(dtype, expected):
     torch.testing.assert_close(st.xtx.double(), flat.T @ flat, rtol=tol, atol=tol)
     if dtype == torch.float64:  # exact to the last bits an fp32 sum would lose
         assert torch.equal(st.sq_sum, (flat * flat).sum(0))
+
+
+def test_layers_reading_one_input_share_one_accumulator_with_the_same_sums(tiny_dirs):
+    """q/k/v (and gate/up) read the same tensor: one LayerStats, one X^T X, equal bit for bit to what
+    each would have summed alone; o_proj and down_proj read their own."""
+    from wanda_pl.core.hooks import collect_stats
+    from wanda_pl.core.layers import select_targets
+    from wanda_pl.modules.causal_lm import CausalLM
+
+    module = CausalLM(str(tiny_dirs["llama"]))
+    block = module.model.model.layers[1]
+    targets = select_targets(block, "model.layers.1", None, ())
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for share in (True, False):
+        with torch.no_grad(), collect_stats(targets, True, share=share) as stats:
+            for window in ids:
+                module.model(input_ids=window.unsqueeze(0))
+        runs[share] = stats
+    groups = {}
+    for name, st in runs[True].items():
+        groups.setdefault(id(st), []).append(name.rsplit(".", 1)[1])
+    assert sorted(groups.values()) == [["down_proj"], ["gate_proj", "up_proj"], ["o_proj"],
+                                       ["q_proj", "k_proj", "v_proj"]]
+    assert len({id(st) for st in runs[False].values()}) == 7
+    for name in targets:
+        a, b = runs[True][name], runs[False][name]
+        assert torch.equal(a.xtx, b.xtx) and torch.equal(a.sq_sum, b.sq_sum) and torch.equal(a.col_sum, b.col_sum)
+        assert (a.tokens, a.nsamples) == (b.tokens, b.nsamples) == (48, 3)

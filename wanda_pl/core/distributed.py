@@ -44,8 +44,12 @@ def sum_stats(stats: Dict[str, LayerStats]) -> None:
     """Every layer's statistics summed over the ranks, in place (same order of layers on every rank)."""
     if world() == 1:
         return
+    done = set()
     for name in sorted(stats):
         st = stats[name]
+        if id(st) in done:  # layers reading one input share one LayerStats: summed once
+            continue
+        done.add(id(st))
         counts = summed(torch.tensor([st.nsamples, st.tokens], dtype=torch.int64))
         st.nsamples, st.tokens = int(counts[0]), int(counts[1])
         st.sq_sum, st.col_sum = summed(st.sq_sum), summed(st.col_sum)

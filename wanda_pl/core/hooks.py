@@ -1,6 +1,8 @@
 """Hooks that cannot leak: statistics collection and first-block input capture."""
 from __future__ import annotations
 
+import functools
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -193,15 +195,32 @@ def _samples_in(x: torch.Tensor) -> int:
 
 
 @contextmanager
-def collect_stats(targets: Dict[str, nn.Module], with_hessian: bool = False) -> Iterator[Dict[str, LayerStats]]:
-    """Forward hooks on ``targets`` that accumulate :class:`LayerStats`; removed on exit."""
-    stats = {name: LayerStats(in_features(m), with_hessian) for name, m in targets.items()}
-    handles = []
-    for name, module in targets.items():
-        def hook(mod, inputs, _output, _s=stats[name]):
-            x = inputs[0]
-            _s.update(flatten_inputs(mod, x), _samples_in(x))
+def collect_stats(targets: Dict[str, nn.Module], with_hessian: bool = False,
+                  share: bool = True) -> Iterator[Dict[str, LayerStats]]:
+    """Forward hooks on ``targets`` that accumulate :class:`LayerStats`; removed on exit.
 
-        handles.append(module.register_forward_hook(hook))
+    ``share``: layers that read the very same input tensor (q/k/v; gate/up) share one
+    :class:`LayerStats` (one ``X^T X``, one norm accumulator instead of one each): decided on the first
+    call, where a later layer of the forward is handed the tensor an earlier one was (the same object,
+    same kind of layer); the sums are those each would have made, bit for bit, made once."""
+    stats = {name: LayerStats(in_features(m), with_hessian) for name, m in targets.items()}
+    leader: Dict[str, str] = {}  # name -> the layer whose statistics it uses (itself, or an earlier reader)
+    first: Dict[str, Tuple[Any, type]] = {}  # leaders' first input (a weak reference) and layer type
+
+    def hook(mod, inputs, _output, name):
+        x = inputs[0]
+        who = leader.get(name)
+        if who is None:
+            who = next((n for n, (ref, kind) in first.items() if share and ref() is x and kind is type(mod)
+                        and stats[n].in_features == stats[name].in_features), name)
+            leader[name] = who
+            if who == name:
+                first[name] = (weakref.ref(x), type(mod))
+            else:
+                stats[name] = stats[who]
+        if who == name:
+            stats[name].update(flatten_inputs(mod, x), _samples_in(x))
+
+    handles = [module.register_forward_hook(functools.partial(hook, name=name)) for name, module in targets.items()]
     with removing(handles):
         yield stats

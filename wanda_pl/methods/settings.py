@@ -80,7 +80,7 @@ class PruningSettings:
         spec = SparsitySpec.parse(args["sparsity_type"], args["sparsity_ratio"])
         refine, update = args["refine"], args["update"]
         method = compose(get_method(args["method"]), get_step("refine", refine), get_step("update", update))
-        if refine != "none" and args["bias_correction"]:
+        if refine == "dsnot" and args["bias_correction"]:
             raise ValueError("pruning.refine dsnot balances the mean output change that bias_correction restores "
                              "exactly: use one of them")
         if args.get("use_variant") and "use_variant" not in method.option_names:
