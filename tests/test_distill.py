@@ -290,3 +290,17 @@ def test_two_data_parallel_processes_give_the_one_process_loss_curve(tiny_dirs, 
         for end in ("first", "last"):
             assert two[name][end] == pytest.approx(one[name][end], rel=1e-4), (name, end)
     assert one["kl"]["last"] != one["kl"]["first"]  # it trained
+
+
+def test_a_bfloat16_teacher_serves_a_float32_student(tiny_dirs, monkeypatch):
+    student = _module(tiny_dirs["llama"])
+    distill = Distillation("dense", "kl", teacher_dtype="bfloat16")
+    distill.prepare(student, None)
+    assert distill.teacher.dtype == torch.bfloat16 and next(student.model.parameters()).dtype == torch.float32
+    monkeypatch.setattr(CausalLM, "trainer", property(lambda self: _Trainer()))
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
+    loss = distill.step(student, ids)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert distill.describe()["teacher_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="distill.teacher_dtype must be one of"):
+        Distillation("dense", teacher_dtype="int8")
