@@ -52,7 +52,7 @@ class Pruning(Callback):
                  owl_lambda: float = 0.08,
                  profile: Optional[Union[List[float], Dict[str, float]]] = None,
                  min_expert_tokens: Optional[int] = None, rare_experts: str = "magnitude", experts_ratio: float = 0.0,
-                 reconstruct: str = "none", reconstruct_steps: int = 50, reconstruct_lr: float = 1e-4,
+                 reconstruct: str = "none", reconstruct_steps: int = 20, reconstruct_lr: float = 1e-3,
                  reconstruct_batch: int = 4, enabled: bool = False, masks_from: Optional[str] = None,
                  **method_options: Any) -> None:
         given = dict(method=method, sparsity_ratio=sparsity_ratio, sparsity_type=sparsity_type, refine=refine,

@@ -34,8 +34,8 @@ MODES = ("none", "block", "attn_mlp")
 @dataclass(frozen=True)
 class Reconstruction:
     mode: str = "none"
-    steps: int = 50
-    lr: float = 1e-4
+    steps: int = 20
+    lr: float = 1e-3
     batch: int = 4
     seed: int = 0
 

@@ -27,7 +27,7 @@ from .wanda import wanda_score
 GENERAL = dict(method="wanda", sparsity_ratio=None, sparsity_type="unstructured", refine="none", update="none",
                bias_correction=False, allocation="uniform", owl_m=5.0, owl_lambda=0.08, profile=None,
                min_expert_tokens=None, rare_experts="magnitude", experts_ratio=0.0, reconstruct="none",
-               reconstruct_steps=50, reconstruct_lr=1e-4, reconstruct_batch=4)
+               reconstruct_steps=20, reconstruct_lr=1e-3, reconstruct_batch=4)
 
 
 def general_docs() -> Dict[str, str]:
