@@ -76,7 +76,7 @@ class Distillation(L.Callback):
         return self.source != "none"
 
     # --- before any work ---
-    def prepare(self, pl_module, datamodule, world_size: int = 1, build_cache: bool = True) -> None:
+    def prepare(self, pl_module, datamodule, build_cache: bool = True) -> None:
         """Check everything and keep the teacher (before the masks are applied: call before pruning).
         With a cache: build it (``build_cache``: this process writes it) or load it; then no teacher."""
         if not self.enabled or self.teacher is not None or self.cache is not None:
@@ -125,7 +125,7 @@ class Distillation(L.Callback):
     # --- Lightning hooks ---
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.enabled:
-            self.prepare(pl_module, trainer.datamodule, trainer.world_size, build_cache=trainer.is_global_zero)
+            self.prepare(pl_module, trainer.datamodule, build_cache=trainer.is_global_zero)
             pl_module.distill = self
 
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -77,7 +77,7 @@ def fit_and_report(
     inputs, writes = _check(trainer, model, datamodule, pruning, config, output_dir, ckpt_path)  # 1
     distill = find_callback(trainer, Distillation)
     if distill is not None and distill.enabled:  # the dense weights, before the masks; a cache built here
-        distill.prepare(model, datamodule, trainer.world_size, build_cache=os.environ.get("LOCAL_RANK", "0") == "0")
+        distill.prepare(model, datamodule, build_cache=os.environ.get("LOCAL_RANK", "0") == "0")
     with staged_output(trainer, output_dir, inputs, "fit", writes) as stage:
         # 2. On a resumed run the starting point is gone (the checkpoint holds trained weights).
         before = evaluate(trainer, model, datamodule, zero_shot) if validate_before and ckpt_path is None else None

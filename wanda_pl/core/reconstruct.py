@@ -26,6 +26,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .hooks import map_tensors
 from .layers import fused_slice, parameter_of
 
 MODES = ("none", "block", "attn_mlp")
@@ -85,16 +86,7 @@ def record_calls(modules: Dict[str, nn.Module], store_device) -> Iterator[Dict[s
 def _to(obj, device, fresh: bool = False):
     """``obj``'s tensors on ``device``; ``fresh``: copies made outside inference mode (Lightning validates,
     and so prunes, under ``torch.inference_mode``, whose tensors autograd refuses to save)."""
-    if isinstance(obj, torch.Tensor):
-        out = obj.detach().to(device)
-        return out.clone() if fresh else out
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device, fresh) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device, fresh) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device, fresh) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.detach().to(device).clone() if fresh else t.detach().to(device))
 
 
 def kept_parameters(block: nn.Module, targets: Dict[str, nn.Module], masks: Dict[str, torch.Tensor],
