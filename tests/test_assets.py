@@ -355,7 +355,7 @@ def test_unknown_asset_names_the_known_ones():
 
 def test_registry_holds_the_embedded_assets():
     assert {"smollm2-135m", "wikipedia"} <= set(assets.REGISTRY)
-    assert list(assets.REGISTRY) == ["smollm2-135m", "smollm2-moe-8x135m", "wikipedia", "efficientnet-lite0", "imagenet-photos",
+    assert list(assets.REGISTRY) == ["smollm2-135m", "smollm2-moe-8x135m", "wikipedia", "news", "efficientnet-lite0", "imagenet-photos",
                                        "natural-images", "zero-shot-tasks"]
     for name, asset in assets.REGISTRY.items():
         assert callable(asset.build) and asset.build.__module__.startswith("wanda_pl.assets."), name
@@ -376,7 +376,7 @@ def test_registry_is_the_one_source_of_embedded_names():
         assert names == by_kind[kind] == assets.names(kind), kind  # every registry key of that kind, and only those
     # every name has exactly one kind, and every registry key is in one of the tuples
     assert sorted(n for names in derived.values() for n in names) == sorted(assets.REGISTRY)
-    assert assets.EMBEDDED_MODELS == ("smollm2-135m", "smollm2-moe-8x135m") and assets.EMBEDDED_TEXT == ("wikipedia",)
+    assert assets.EMBEDDED_MODELS == ("smollm2-135m", "smollm2-moe-8x135m") and assets.EMBEDDED_TEXT == ("wikipedia", "news")
     assert assets.EMBEDDED_CLASSIFIERS == ("efficientnet-lite0",)
     assert assets.EMBEDDED_IMAGES == ("imagenet-photos", "natural-images")
     assert assets.EMBEDDED_TASKS == ("zero-shot-tasks",)
@@ -395,6 +395,31 @@ def test_registry_is_the_one_source_of_embedded_names():
         decorators = {ast.unparse(d) for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
                       for d in node.decorator_list}
         assert not any(d.startswith("register(") for d in decorators), path
+
+
+def test_news_is_split_by_article_into_two_disjoint_parts():
+    """The second held-out text: every article of the file lands in exactly one part, by the hash
+    of its own text (the rule the folder states), and the parts are the news, not Wikipedia."""
+    import hashlib
+    import json
+
+    from wanda_pl.assets.text import NEWS_FILE, NEWS_MODULUS, texts
+    from wanda_pl.data.text import load_text
+
+    folder = assets.ensure("news")
+    articles = [a.strip() for a in cache.fetch(NEWS_FILE).read_text(encoding="utf-8").splitlines() if a.strip()]
+    calibration, evaluation = texts(folder)
+    parts = {"calibration": calibration.split("\n\n"), "evaluation": evaluation.split("\n\n")}
+    parts = {k: [a.strip() for a in v if a.strip()] for k, v in parts.items()}
+    assert sorted(parts["calibration"] + parts["evaluation"]) == sorted(articles) and len(articles) == 300
+    assert not set(parts["calibration"]) & set(parts["evaluation"])
+    for article in parts["evaluation"]:
+        assert int(hashlib.sha256(article.encode("utf-8")).hexdigest(), 16) % NEWS_MODULUS == 0
+    assert min(len(v) for v in parts.values()) > 100  # about half each
+    info = json.loads((folder / "articles.json").read_text())
+    assert info["evaluation"]["articles"] == len(parts["evaluation"]) and "sha256(article" in info["split_rule"]
+    assert load_text("news", "evaluation") == evaluation and load_text("news", "calibration") == calibration
+    assert "Hill Top" in calibration + evaluation and load_text("wikipedia", "evaluation") != evaluation
 
 
 def test_embedded_model_names_resolve_through_the_registry(monkeypatch, tmp_path):
@@ -636,7 +661,7 @@ def test_wikipedia_build_on_a_small_dump(home, tmp_path, monkeypatch):
     dump = _write_dump(tmp_path / "dump.xml.bz2", pages)
     monkeypatch.setattr(wikipedia, "fetch", lambda pf: dump)
 
-    calibration, evaluation = wikipedia.wikipedia_texts()
+    calibration, evaluation = wikipedia.texts(wikipedia.wikipedia())
     info = json.loads((home / "data" / "wikipedia" / "articles.json").read_text())
     assert info["split_rule"] == wikipedia.SPLIT_RULE
     assert info["skipped_pages"] == {"redirect": 2, "namespace": 1, "empty": 1}
@@ -676,7 +701,7 @@ def _articles(folder: Path, text: str, part: str, info: dict) -> dict:
 @pytest.fixture(scope="module")
 def wiki():
     folder = assets.ensure("wikipedia")
-    calibration, evaluation = wikipedia.wikipedia_texts()
+    calibration, evaluation = wikipedia.texts(wikipedia.wikipedia())
     info = json.loads((folder / "articles.json").read_text(encoding="utf-8"))
     return folder, calibration, evaluation, info
 

@@ -37,6 +37,7 @@ REGISTRY: Dict[str, Asset] = {
     "smollm2-135m": Asset(CAUSAL_LM, models.smollm2_135m, "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
     "smollm2-moe-8x135m": Asset(CAUSAL_LM, models.smollm2_moe, "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
     "wikipedia": Asset(TEXT, text.wikipedia),
+    "news": Asset(TEXT, text.news),
     "efficientnet-lite0": Asset(CLASSIFIER, vision.efficientnet_lite0, "timm/tf_efficientnet_lite0.in1k", "apache-2.0"),
     "imagenet-photos": Asset(IMAGES, vision.imagenet_photos),
     "natural-images": Asset(IMAGES, vision.natural_images),

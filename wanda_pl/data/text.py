@@ -1,6 +1,6 @@
 """Text sources for calibration and perplexity, and the windows cut from them.
 
-Sources: ``wikipedia`` (embedded, split by article), ``wikitext2`` (hub,
+Sources: ``wikipedia`` and ``news`` (embedded, each split by article), ``wikitext2`` (hub,
 ``wikitext-2-raw-v1``: train joined with " " for calibration, test joined with "\\n\\n" for
 evaluation, as the paper), ``c4`` (hub, ``allenai/c4`` ``en``: train shard 00000 documents
 for calibration, the first 1100 validation documents for evaluation, as the paper), or a
@@ -31,10 +31,11 @@ def load_text(source: str, split: str) -> Text:
     """The raw text of ``source`` for ``split`` ('calibration' or 'evaluation')."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if source == "wikipedia":
-        from ..assets.text import wikipedia_texts
+    if source in EMBEDDED_TEXT:
+        from ..assets.registry import ensure
+        from ..assets.text import texts
 
-        calib, evaluation = wikipedia_texts()
+        calib, evaluation = texts(ensure(source))
         return calib if split == "calibration" else evaluation
     if source == "wikitext2":
         return _hub_dataset(
