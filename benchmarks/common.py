@@ -66,6 +66,25 @@ def run_sweep(module, datamodule, grids, out=None, **pruning):
     return dense["metrics"], dense["seconds"], rows
 
 
+def perplexity_on(module, source: str, seqlen: int, windows: int, batch_size: int = 1) -> float:
+    """The module's perplexity, as it is now, on another held-out text (``news``): the same
+    validation loop as the run's own, on ``source``'s evaluation split."""
+    from wanda_pl.data.text_module import TextDataModule
+
+    dm = TextDataModule(source, source, 1, seqlen, 0, windows, batch_size)
+    trainer([]).validate(module, datamodule=dm, verbose=False)
+    return module.validation_metrics()["ppl"]
+
+
+def in_child(fn, *args):
+    """``fn(*args)`` in a fresh spawned process: its report's peak memory is that one run's alone
+    (a process's peak resident memory only ever grows)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def write_table(name: str, header: str, rows: list, settings: dict) -> str:
     """A markdown table plus the settings that decide its numbers, printed and saved to results/."""
     lines = [header, "|" + "|".join("---" for _ in header.strip("|").split("|")) + "|"]

@@ -160,8 +160,10 @@ def test_the_method_table_names_every_method_file():
     from wanda_pl import methods
 
     # compose.py adds steps to a method, settings.py checks a whole pruning's settings and permute.py is a
-    # part of RIA's N:M selection: not methods of their own; a step (DSnoT, ADMM's update) is in STEPS
-    files = {p.stem for p in (PACKAGE / "methods").glob("*.py")} - {"__init__", "base", "compose", "permute", "settings"}
+    # part of RIA's N:M selection, presets.py names combinations of settings: not methods of their own; a
+    # step (DSnoT, ADMM's update) is in STEPS
+    files = {p.stem for p in (PACKAGE / "methods").glob("*.py")} - {"__init__", "base", "compose", "permute",
+                                                                   "settings", "presets"}
     modules = {m.fn.__module__.rsplit(".", 1)[-1] for m in methods.METHODS.values()}
     modules |= {s.apply.__module__.rsplit(".", 1)[-1] for s in methods.STEPS.values()}
     assert files == modules, f"method files without a table entry: {files - modules}"

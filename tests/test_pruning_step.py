@@ -67,3 +67,37 @@ def test_the_prune_command_measures_a_dense_baseline_even_with_enabled_true(tiny
         reports[name] = json.loads((tmp_path / name / "report.json").read_text())
     assert reports["enabled"]["metrics"] == reports["plain"]["metrics"]
     assert reports["enabled"]["actual_sparsity"] == reports["plain"]["actual_sparsity"] == 0.5
+
+
+@pytest.mark.parametrize("preset", ["quality", "balanced"])
+def test_a_preset_prunes_exactly_as_its_settings_spelled_out(tiny_dirs, preset):
+    """A preset is a name for settings: the masks and weights are those of the same settings given one
+    by one, and the report's method section names the preset."""
+    from wanda_pl.methods.presets import PRESETS
+
+    calib = torch.randint(0, 256, (4, 16))
+    results = []
+    for kwargs in ({"preset": preset}, PRESETS[preset]):
+        torch.manual_seed(0)
+        module = CausalLM(str(tiny_dirs["llama"]))
+        pruning = Pruning(sparsity_type="2:4", **kwargs)
+        with pruning.run() as run:
+            pruning.on_validation_start(_trainer(calib), module)
+        results.append((run.result.masks, {k: v.clone() for k, v in module.model.state_dict().items()},
+                        pruning.describe()))
+    (masks, state, described), (masks2, state2, described2) = results
+    assert masks.keys() == masks2.keys() and all(torch.equal(masks[k], masks2[k]) for k in masks)
+    assert all(torch.equal(state[k], state2[k]) for k in state)
+    assert described["preset"] == preset and "preset" not in described2
+    assert {k: v for k, v in described.items() if k != "preset"} == described2
+    assert described["method"] == PRESETS[preset]["method"]
+
+
+def test_a_preset_refuses_a_setting_that_contradicts_it_and_a_sweep_point_that_would():
+    pruning = Pruning(preset="quality", sparsity_type="2:4", reconstruct_steps=5)  # its own options: fine
+    assert pruning.settings.reconstruct.mode == "block" and pruning.settings.reconstruct.steps == 5
+    assert pruning.settings.replace(sparsity_type="4:8").args["method"] == "admm"  # a sweep over types keeps it
+    with pytest.raises(ValueError, match=r"preset quality sets method='admm'.*'sparsegpt'"):
+        pruning.settings.replace(method="sparsegpt")  # a sweep over methods contradicts it: said, not ignored
+    with pytest.raises(ValueError, match="pruning.preset must be one of quality, balanced"):
+        Pruning(preset="fast")

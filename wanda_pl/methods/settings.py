@@ -21,13 +21,14 @@ from ..core.reconstruct import MODES, Reconstruction
 from ..core.sparsity import SparsitySpec
 from . import METHODS, STEP_KINDS, check_options, get_method, get_step, options, step_names
 from .compose import compose
+from .presets import PRESETS, expand
 from .wanda import wanda_score
 
 # The settings every pruning has, beside the methods' own options (their defaults are the CLI's).
 GENERAL = dict(method="wanda", sparsity_ratio=None, sparsity_type="unstructured", refine="none", update="none",
                bias_correction=False, allocation="uniform", owl_m=5.0, owl_lambda=0.08, profile=None,
                min_expert_tokens=None, rare_experts="magnitude", experts_ratio=0.0, reconstruct="none",
-               reconstruct_steps=20, reconstruct_lr=1e-3, reconstruct_batch=4)
+               reconstruct_steps=20, reconstruct_lr=1e-3, reconstruct_batch=4, preset=None)
 
 
 def general_docs() -> Dict[str, str]:
@@ -57,6 +58,9 @@ def general_docs() -> Dict[str, str]:
         "reconstruct_steps": "Adam steps of each reconstruction.",
         "reconstruct_lr": "learning rate of the reconstruction's Adam.",
         "reconstruct_batch": "calibration samples per reconstruction step.",
+        "preset": "a named combination of the settings above: "
+                  + "; ".join(f"``{n}`` = " + ", ".join(f"{k} {v}" for k, v in p.items()) for n, p in PRESETS.items())
+                  + " (a setting given beside it must agree with it).",
     }
 
 
@@ -76,7 +80,8 @@ class PruningSettings:
         unknown = sorted(set(given) - set(GENERAL) - set(catalogue))
         if unknown:
             raise TypeError(f"unknown pruning settings {unknown}; the methods' options are {sorted(catalogue)}")
-        args = {**GENERAL, **{k: o.default for k, o in catalogue.items()}, **given}
+        defaults = {**GENERAL, **{k: o.default for k, o in catalogue.items()}}
+        args = {**defaults, **expand(given, defaults)}
         spec = SparsitySpec.parse(args["sparsity_type"], args["sparsity_ratio"])
         refine, update = args["refine"], args["update"]
         method = compose(get_method(args["method"]), get_step("refine", refine), get_step("update", update))
@@ -131,6 +136,7 @@ class PruningSettings:
             # only when set: the fingerprints of earlier sweep points (made from this) stay what they were
             **{k: a[k] for k in ("min_expert_tokens", "rare_experts", "experts_ratio") if a[k] != GENERAL[k]},
             **({k: a[k] for k in a if k.startswith("reconstruct")} if self.reconstruct.enabled else {}),
+            **({"preset": a["preset"]} if a["preset"] is not None else {}),
         }
 
     def check(self, pl_module) -> None:
