@@ -1,0 +1,149 @@
+"""Structured pruning's pieces (#28): removing channels, heads and blocks is exactly zeroing them (or
+skipping them), scores equal slow definitions, and the smaller model reloads with stock code."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_config
+from wanda_pl.core import structure as st
+
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "gemma2")
+
+
+def _model(family, layers=2, seed=0):
+    cfg = tiny_config(family)
+    if layers != cfg.num_hidden_layers:
+        d = {**cfg.to_dict(), "num_hidden_layers": layers}
+        if d.pop("layer_types", None) is not None:  # recomputed for the new depth (gemma2)
+            d["layer_types"] = None  # (mistral: a layer_types key, even null, reloads as "ministral")
+        cfg = type(cfg)(**d)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _ids(n=2, t=12, seed=1):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(ids).logits
+
+
+def _slow_scores(score, producers, consumer, p_sq, c_sq, c_var):
+    out = []
+    for j in range(consumer.shape[1]):
+        s = 0.0
+        if score == "flap":
+            out.append(float(c_var[j]) * sum(float(consumer[i, j]) ** 2 for i in range(consumer.shape[0])))
+            continue
+        for w in producers:
+            for i in range(w.shape[1]):
+                s += abs(float(w[j, i])) * (float(p_sq[i]) ** 0.5 if score == "wanda" else 1.0)
+        for i in range(consumer.shape[0]):
+            s += abs(float(consumer[i, j])) * (float(c_sq[j]) ** 0.5 if score == "wanda" else 1.0)
+        out.append(s)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("score", st.SCORES)
+def test_channel_scores_equal_their_slow_definitions(score):
+    g = torch.Generator().manual_seed(0)
+    producers = [torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)]
+    consumer = torch.randn(4, 6, generator=g)
+    p_sq, c_sq, c_var = torch.rand(5, generator=g) * 3, torch.rand(6, generator=g) * 3, torch.rand(6, generator=g)
+    got = st.channel_scores(score, producers, consumer, p_sq, c_sq, c_var)
+    torch.testing.assert_close(got, _slow_scores(score, producers, consumer, p_sq, c_sq, c_var), rtol=1e-5, atol=1e-5)
+
+
+def test_keep_top_keeps_the_highest_in_order_and_refuses_nothing_left():
+    scores = torch.tensor([3.0, 1.0, 5.0, 1.0, 4.0, 0.5])
+    assert st.keep_top(scores, 3).tolist() == [0, 2, 4]
+    assert st.keep_top(scores, 4).tolist() == [0, 1, 2, 4]  # a tie goes to the lower index
+    assert st.group_scores(scores, 2).tolist() == [4.0, 6.0, 4.5]
+    assert st.expand(torch.tensor([0, 2]), 3).tolist() == [0, 1, 2, 6, 7, 8]
+    with pytest.raises(ValueError, match="cannot keep 0 of 6"):
+        st.keep_top(scores, 0)
+
+
+@pytest.mark.parametrize("family", LLAMA_LAYOUT)
+def test_removed_mlp_channels_equal_those_channels_zeroed(family):
+    model, ids = _model(family), _ids()
+    keep = torch.tensor([0, 3, 4, 9, 10, 11, 50, 64, 100, 127])
+    zeroed = _model(family)
+    for block in zeroed.model.layers:
+        drop = torch.ones(block.mlp.down_proj.weight.shape[1], dtype=torch.bool)
+        drop[keep] = False
+        with torch.no_grad():
+            block.mlp.down_proj.weight[:, drop] = 0
+    for block in model.model.layers:
+        st.keep_mlp_channels(block.mlp, keep)
+        assert block.mlp.gate_proj.weight.shape == (10, 64) and block.mlp.down_proj.weight.shape == (64, 10)
+    torch.testing.assert_close(_logits(model, ids), _logits(zeroed, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", LLAMA_LAYOUT)
+def test_removed_kv_groups_equal_their_heads_zeroed(family):
+    model, ids = _model(family), _ids()
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads  # query heads per KV group (2)
+    zeroed = _model(family)
+    for block in zeroed.model.layers:  # group 0 removed: its query heads 0, 1 write nothing
+        with torch.no_grad():
+            block.self_attn.o_proj.weight[:, : group * head_dim] = 0
+    for block in model.model.layers:
+        st.keep_kv_groups(block.self_attn, torch.tensor([1]), head_dim, group)
+        assert block.self_attn.k_proj.weight.shape[0] == head_dim
+        assert block.self_attn.o_proj.weight.shape[1] == group * head_dim
+    torch.testing.assert_close(_logits(model, ids), _logits(zeroed, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", LLAMA_LAYOUT)
+def test_removed_blocks_equal_those_blocks_skipped(family):
+    model, ids = _model(family, layers=4), _ids()
+    skipped = _model(family, layers=4)
+    for i in (1, 2):
+        skipped.model.layers[i].register_forward_hook(
+            lambda mod, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True)
+    model.model.layers = st.keep_blocks(model.model.layers, [0, 3])
+    st.smaller_config(model.config, blocks=[0, 3])
+    assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1] and model.config.num_hidden_layers == 2
+    torch.testing.assert_close(_logits(model, ids), _logits(skipped, ids), rtol=1e-5, atol=1e-5)
+    # the KV cache is indexed by the new numbers: generation with the cache equals a full forward
+    out = model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+    full = _logits(model, out[:, :-1])[0, 4:].argmax(-1)
+    assert out[0, 5:].tolist() == full.tolist()
+
+
+@pytest.mark.parametrize("family", LLAMA_LAYOUT)
+def test_the_smaller_model_reloads_with_stock_from_pretrained(family, tmp_path):
+    model, ids = _model(family, layers=3), _ids()
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    keep = torch.arange(0, 128, 2)
+    for block in model.model.layers:
+        st.keep_mlp_channels(block.mlp, keep)
+        st.keep_kv_groups(block.self_attn, torch.tensor([0]), head_dim, 2)
+    model.model.layers = st.keep_blocks(model.model.layers, [0, 2])
+    st.smaller_config(model.config, intermediate=64, heads=2, kv_heads=1, blocks=[0, 2])
+    model.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert sum(p.numel() for p in back.parameters()) == sum(p.numel() for p in model.parameters())
+    assert back.config.intermediate_size == 64 and back.config.num_attention_heads == 2
+    assert back.config.num_key_value_heads == 1 and back.config.num_hidden_layers == 2
+    torch.testing.assert_close(_logits(back, ids), _logits(model, ids))
+
+
+def test_influence_is_zero_for_an_unchanged_state_and_grows_with_the_turn():
+    x = torch.randn(3, 5, 8)
+    assert st.influence(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert st.influence(x, 2 * x) == pytest.approx(0.0, abs=1e-6)  # scale is not change of direction
+    assert st.influence(x, -x) == pytest.approx(2.0)
+    assert 0 < st.influence(x, x + 0.1 * torch.randn(3, 5, 8)) < st.influence(x, x + torch.randn(3, 5, 8))
+
+
+def test_a_family_of_another_layout_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="'gpt2'.*fused or Conv1D"):
+        st.layout_of(tiny_config("gpt2"))
+    assert st.layout_of(tiny_config("llama")) is st.LLAMA

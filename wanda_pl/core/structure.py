@@ -1,0 +1,172 @@
+"""Structured pruning: whole MLP channels, whole attention heads (with grouped-query attention: whole
+KV groups with their query heads) and whole blocks removed, so the model is physically smaller and
+faster on every device with no special kernel.
+
+Scores are per channel, summed over every weight the channel owns: its row in each producer (gate and
+up; q, k and v) and its column in the consumer (down; o):
+
+- ``magnitude``: ``sum |W|``;
+- ``wanda`` (Wanda-sp, FLAP's baseline): ``sum |W_ij| * ||X_j||``, each weight weighed by the norm of
+  the input it multiplies (producers: the block's hidden state; consumer: the channel itself);
+- ``flap`` (FLAP's fluctuation): ``Var(channel input) * ||consumer column||^2``, how much the channel's
+  contribution to the output moves over the calibration text (a steady one is replaced by a bias).
+
+A head's score is the sum of its ``head_dim`` channels' (q rows, o columns), a KV group's the sum of
+its query heads' plus its k and v rows. Depth: a block's influence is ``1 - cos(input, output)`` of
+the hidden state, averaged over tokens (ShortGPT); the blocks that change it least go first.
+
+Everything here is a pure function of tensors, or an edit of one module given the indices to keep.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+SCORES = ("magnitude", "wanda", "flap")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps what structured pruning cuts: the MLP's producers and consumer, the
+    attention's projections, and the config fields that state their widths."""
+
+    mlp: str = "mlp"
+    producers: Sequence[str] = ("gate_proj", "up_proj")
+    consumer: str = "down_proj"
+    width_field: str = "intermediate_size"
+    attention: str = "self_attn"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+
+
+# The LLaMA layout (LLaMA, Mistral, Qwen2, Gemma2 and most open decoders share it).
+LLAMA = Layout()
+LAYOUTS: Dict[str, Layout] = {t: LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")}
+
+
+def layout_of(config) -> Layout:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LAYOUTS:
+        raise ValueError(f"structured pruning knows the layouts of {', '.join(sorted(LAYOUTS))}; this model is "
+                         f"{model_type!r}, whose MLP and attention are laid out otherwise (fused or Conv1D projections)")
+    return LAYOUTS[model_type]
+
+
+def channel_scores(score: str, producers: List[torch.Tensor], consumer: torch.Tensor,
+                   producer_sq: Optional[torch.Tensor] = None, consumer_sq: Optional[torch.Tensor] = None,
+                   consumer_var: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One score per channel (a row of every producer, shaped (C, in); a column of the consumer,
+    shaped (out, C)). ``*_sq``: the sum over calibration tokens of each input's square (the
+    statistics' ``sq_sum``); ``consumer_var``: each channel's variance over tokens (``flap``)."""
+    if score not in SCORES:
+        raise ValueError(f"pruning structure score must be one of {', '.join(SCORES)}, got {score!r}")
+    consumer = consumer.float()
+    if score == "flap":
+        if consumer_var is None:
+            raise ValueError("the flap score needs the variance of each channel's input")
+        return consumer_var.float() * consumer.pow(2).sum(0)
+    if score == "wanda" and (producer_sq is None or consumer_sq is None):
+        raise ValueError("the wanda score needs the input norms of the producers and of the consumer")
+    out = torch.zeros(consumer.shape[1], dtype=torch.float32)
+    for w in producers:
+        w = w.float().abs()
+        out += (w * producer_sq.float().sqrt()[None]).sum(1) if score == "wanda" else w.sum(1)
+    c = consumer.abs()
+    return out + ((c * consumer_sq.float().sqrt()[None]).sum(0) if score == "wanda" else c.sum(0))
+
+
+def group_scores(scores: torch.Tensor, size: int) -> torch.Tensor:
+    """Scores of consecutive groups of ``size`` channels (a head's ``head_dim``)."""
+    if scores.numel() % size:
+        raise ValueError(f"{scores.numel()} channels do not split into groups of {size}")
+    return scores.reshape(-1, size).sum(1)
+
+
+def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The indices of the ``keep`` highest scores, in their original order (ties: the lower index)."""
+    if not 1 <= keep <= scores.numel():
+        raise ValueError(f"cannot keep {keep} of {scores.numel()} channels: keep at least 1 and at most all")
+    order = torch.sort(scores.float(), descending=True, stable=True).indices[:keep]
+    return order.sort().values
+
+
+def expand(groups: torch.Tensor, size: int) -> torch.Tensor:
+    """Channel indices of the kept groups (each ``size`` consecutive channels)."""
+    return (groups[:, None] * size + torch.arange(size)[None]).reshape(-1)
+
+
+def sliced(linear: nn.Linear, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> nn.Linear:
+    """A new Linear holding only ``rows`` (outputs) and ``cols`` (inputs) of ``linear``, same dtype and device."""
+    w = linear.weight.detach()
+    if rows is not None:
+        w = w[rows.to(w.device)]
+    if cols is not None:
+        w = w[:, cols.to(w.device)]
+    bias = linear.bias
+    out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if bias is not None:
+            out.bias.copy_(bias.detach() if rows is None else bias.detach()[rows.to(w.device)])
+    return out
+
+
+def keep_mlp_channels(mlp: nn.Module, keep: torch.Tensor, layout: Layout = LLAMA) -> None:
+    """Cut ``mlp`` to the channels ``keep`` (rows of the producers, columns of the consumer), in place."""
+    for name in layout.producers:
+        setattr(mlp, name, sliced(getattr(mlp, name), rows=keep))
+    setattr(mlp, layout.consumer, sliced(getattr(mlp, layout.consumer), cols=keep))
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = int(keep.numel())
+
+
+def keep_kv_groups(attention: nn.Module, groups: torch.Tensor, head_dim: int, group_size: int,
+                   layout: Layout = LLAMA) -> None:
+    """Cut ``attention`` to the KV groups ``groups`` with their query heads, in place: q rows and o
+    columns of the kept query heads, k and v rows of the kept groups."""
+    heads = expand(groups, group_size)  # query heads of the kept groups
+    q_rows, kv_rows = expand(heads, head_dim), expand(groups, head_dim)
+    setattr(attention, layout.q, sliced(getattr(attention, layout.q), rows=q_rows))
+    setattr(attention, layout.k, sliced(getattr(attention, layout.k), rows=kv_rows))
+    setattr(attention, layout.v, sliced(getattr(attention, layout.v), rows=kv_rows))
+    setattr(attention, layout.o, sliced(getattr(attention, layout.o), cols=q_rows))
+
+
+def influence(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
+    """ShortGPT's block influence: ``1 - cos(input, output)`` per token, averaged (hidden states
+    shaped (..., hidden))."""
+    a, b = x_in.float().reshape(-1, x_in.shape[-1]), x_out.float().reshape(-1, x_out.shape[-1])
+    return float((1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).mean())
+
+
+def keep_blocks(layers: nn.ModuleList, keep: Sequence[int]) -> nn.ModuleList:
+    """The blocks ``keep`` (indices into ``layers``, in order), renumbered for the KV cache."""
+    kept = nn.ModuleList([layers[i] for i in keep])
+    for new, block in enumerate(kept):
+        for sub in block.modules():
+            if hasattr(sub, "layer_idx"):
+                sub.layer_idx = new
+    return kept
+
+
+def smaller_config(config, *, intermediate: Optional[int] = None, heads: Optional[int] = None,
+                   kv_heads: Optional[int] = None, blocks: Optional[Sequence[int]] = None,
+                   layout: Layout = LLAMA) -> None:
+    """State the new widths and depth in ``config`` (in place) so stock ``from_pretrained`` builds the
+    smaller model: one number per width, the head size written out (it was implied by the head count)."""
+    if intermediate is not None:
+        setattr(config, layout.width_field, int(intermediate))
+    if heads is not None:
+        config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        config.num_attention_heads, config.num_key_value_heads = int(heads), int(kv_heads)
+    if blocks is not None:
+        for field in ("layer_types",):  # per-block lists some families keep
+            values = getattr(config, field, None)
+            if isinstance(values, list) and len(values) == config.num_hidden_layers:
+                setattr(config, field, [values[i] for i in blocks])
+        config.num_hidden_layers = len(blocks)
