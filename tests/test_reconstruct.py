@@ -111,11 +111,55 @@ def test_moe_experts_are_fitted_with_every_expert_mask_kept(tiny_dirs):
     assert all(v["after"] <= v["before"] for v in pruning.result.reconstruction.values())
 
 
+def _dense_block_outputs(folder, ids):
+    """Each block's output in the dense model's own forward (the dense stream)."""
+    dense, seen = CausalLM(str(folder)), {}
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: seen.setdefault(i, []).append(o[0] if isinstance(o, tuple) else o))
+             for i, b in enumerate(dense.model.model.layers)]
+    with torch.no_grad():
+        for row in ids.split(1):
+            dense.model(input_ids=row)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_a_dense_target_fits_each_block_to_the_dense_models_own_outputs(tiny_dirs):
+    """``reconstruct_target dense``: block 0 sees the same inputs either way (same fit, same error); from
+    block 1 on the target is the dense model's own block output, so the fitted block ends closer to
+    it than the ``pruned`` target's fit does, with the masks and zeros kept the same way."""
+    ids = _ids(4)
+    fits = {}
+    for target in ("pruned", "dense"):
+        module = CausalLM(str(tiny_dirs["llama"]))
+        fits[target] = (module, _prune(module, ids, reconstruct="block", reconstruct_steps=40, reconstruct_lr=3e-3,
+                                       reconstruct_target=target))
+    (p_mod, p_run), (d_mod, d_run) = fits["pruned"], fits["dense"]
+    assert p_run.result.reconstruction["model.layers.0"] == d_run.result.reconstruction["model.layers.0"]
+    assert p_run.result.reconstruction["model.layers.1"] != d_run.result.reconstruction["model.layers.1"]
+    assert p_run.describe()["reconstruct_target"] == "pruned" and d_run.describe()["reconstruct_target"] == "dense"
+    for name, mask in d_run.masks.items():
+        assert bool((d_mod.model.get_submodule(name).weight[mask] == 0).all()), name
+    dense_out = _dense_block_outputs(tiny_dirs["llama"], ids)[1]
+
+    def last_block_error(module):  # the model's own block-1 output against the dense model's
+        seen = []
+        h = module.model.model.layers[1].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            for row in ids.split(1):
+                module.model(input_ids=row)
+        h.remove()
+        return sum(float((s - d).pow(2).mean()) for s, d in zip(seen, dense_out))
+
+    assert last_block_error(d_mod) < last_block_error(p_mod)
+
+
 def test_bad_reconstruction_settings_are_refused():
     for kw, message in ((dict(mode="all"), "pruning.reconstruct must be one of none, block, attn_mlp"),
                         (dict(mode="block", steps=0), "reconstruct_steps must be an integer >= 1"),
                         (dict(mode="block", lr=0), "reconstruct_lr must be > 0"),
-                        (dict(mode="block", batch=0), "reconstruct_batch must be an integer >= 1")):
+                        (dict(mode="block", batch=0), "reconstruct_batch must be an integer >= 1"),
+                        (dict(mode="block", target="teacher"), "reconstruct_target must be one of pruned, dense")):
         with pytest.raises(ValueError, match=message):
             Reconstruction(**kw)
 
@@ -151,3 +195,19 @@ def test_two_data_parallel_ranks_fit_one_model(tiny_dirs, text_file, tmp_path):
     masks = torch.load(tmp_path / "two" / "masks.pt", weights_only=True)
     for name, mask in masks.items():
         assert torch.equal(model.get_submodule(name).weight == 0, mask), name
+
+
+def test_a_dense_target_refuses_to_resume_midway(tiny_dirs):
+    from wanda_pl.core.engine import prune_sequential
+    from wanda_pl.core.sparsity import SparsitySpec
+    from wanda_pl.methods import get_method
+
+    module = CausalLM(str(tiny_dirs["llama"]))
+    blocks, inputs = module.prunable_blocks(_ids(5))
+    rec = Reconstruction("block", steps=2, target="dense")
+    with pytest.raises(ValueError, match="reconstruct_target dense cannot resume"):
+        prune_sequential(blocks, inputs, module.block_targets, get_method("wanda"), SparsitySpec(0.5), start=1,
+                         progress=False, reconstruct=rec)
+    result = prune_sequential(blocks, inputs, module.block_targets, get_method("wanda"), SparsitySpec(0.5),
+                              progress=False, reconstruct=rec)  # from the start: fine
+    assert set(result.reconstruction) == {"model.layers.0", "model.layers.1"}

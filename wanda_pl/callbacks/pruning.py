@@ -53,14 +53,15 @@ class Pruning(Callback):
                  profile: Optional[Union[List[float], Dict[str, float]]] = None,
                  min_expert_tokens: Optional[int] = None, rare_experts: str = "magnitude", experts_ratio: float = 0.0,
                  reconstruct: str = "none", reconstruct_steps: int = 20, reconstruct_lr: float = 1e-3,
-                 reconstruct_batch: int = 4, preset: Optional[str] = None, enabled: bool = False, masks_from: Optional[str] = None,
+                 reconstruct_batch: int = 4, reconstruct_target: str = "pruned", preset: Optional[str] = None,
+                 enabled: bool = False, masks_from: Optional[str] = None,
                  **method_options: Any) -> None:
         given = dict(method=method, sparsity_ratio=sparsity_ratio, sparsity_type=sparsity_type, refine=refine,
                      update=update, bias_correction=bias_correction, allocation=allocation, owl_m=owl_m,
                      owl_lambda=owl_lambda, profile=profile, min_expert_tokens=min_expert_tokens,
                      rare_experts=rare_experts, experts_ratio=experts_ratio, reconstruct=reconstruct,
                      reconstruct_steps=reconstruct_steps, reconstruct_lr=reconstruct_lr,
-                     reconstruct_batch=reconstruct_batch, preset=preset)
+                     reconstruct_batch=reconstruct_batch, reconstruct_target=reconstruct_target, preset=preset)
         self.settings = PruningSettings.from_args(**given, **method_options)
         if masks_from is not None and masks_from != "zeros":
             if not mask_files(masks_from):

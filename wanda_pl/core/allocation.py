@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .engine import dense_pass
+from .passes import dense_pass
 from .hooks import BlockInput
 from .layers import weight_matrix
 from .patterns import check_patterns

@@ -35,8 +35,7 @@ from . import correction
 from .distributed import check_same, sum_stats
 from .hooks import BlockInput, collect_stats
 from .onload import Placement
-from .reconstruct import Reconstruction, parts, reconstruct_block, record_calls
-from .stats import LayerStats
+from .reconstruct import Reconstruction, parts, reconstruct_block, record_calls, with_targets
 from .plan import Plan, plan_for
 from .precision import as_compute
 from .sparsity import SparsitySpec
@@ -105,7 +104,7 @@ def check_targets(targets: Dict[str, nn.Module], plan: Union[SparsitySpec, Plan]
     return plan
 
 
-def _device(block: nn.Module, default) -> torch.device:
+def device_of(block: nn.Module, default) -> torch.device:
     p = next(block.parameters(), None)
     return p.device if p is not None else torch.device(default)
 
@@ -200,13 +199,17 @@ def prune_sequential(
     rec = reconstruct if reconstruct is not None and reconstruct.enabled else None
     active = needs_activations(method, bias_correction) or rec is not None
     todo = list(zip(range(len(blocks)), blocks, all_targets))[start:]
+    if rec is not None and rec.dense_stream and start > 0:
+        raise ValueError("pruning.reconstruct_target dense cannot resume: the dense stream of the blocks already "
+                         "pruned is gone; start the run again, or use reconstruct_target pruned")
+    dense = [dataclasses.replace(inp) for inp in inputs] if rec is not None and rec.dense_stream else None
     what = "blocks" if active else "layers"
     bar = tqdm(todo, desc=f"{method.name}: {what}", disable=not progress, initial=start, total=len(blocks))
     for index, (name, block), targets in bar:
         placement.enter(name, block)
         if active:
             _calibrate_and_prune(block, targets, inputs, method, {n: plan[n] for n in targets}, options, result,
-                                 bias_correction, propagate, store_device, rare, (name, index, rec))
+                                 bias_correction, propagate, store_device, rare, (name, index, rec, dense))
         else:
             prune_layers(targets, {}, method, {n: plan[n] for n in targets}, options, result)
         check_same(name, {n: result.masks[n] for n in targets})
@@ -221,17 +224,23 @@ def prune_sequential(
 
 
 def _calibrate_and_prune(block, targets, inputs, method, plan, options, result, bias_correction, propagate,
-                         store_device, rare=None, where=("", 0, None)) -> None:
+                         store_device, rare=None, where=("", 0, None, None)) -> None:
     """One block's turn: pass 1 (statistics, summed over ranks; with a reconstruction, the dense
     outputs of what it fits), its masks, the reconstruction, pass 2; ``inputs`` then hold what enters
-    the next block. ``where``: (the block's name, its index, the reconstruction or None)."""
-    name, index, rec = where
-    device = _device(block, store_device)
+    the next block. ``where``: (the block's name, its index, the reconstruction or None, the dense
+    stream's inputs or None: their outputs are then the reconstruction's targets)."""
+    name, index, rec, dense = where
+    device = device_of(block, store_device)
     t0 = time.perf_counter()
     finding = correction.find_sinks(block, targets) if bias_correction else nullcontext(None)
     recording = record_calls(parts(block, targets, name, rec.mode), store_device) if rec else nullcontext({})
     with torch.no_grad(), collect_stats(targets, method.needs_hessian) as stats, finding as sinks, recording as calls:
         outs = [inp.call(block, device).to(store_device) for inp in inputs]
+    if dense is not None:
+        with torch.no_grad(), record_calls(parts(block, targets, name, rec.mode), store_device) as dense_calls:
+            for inp in dense:
+                inp.hidden = inp.call(block, device).to(store_device)
+        calls = with_targets(calls, dense_calls)
     sum_stats(stats)
     result.forward_s += time.perf_counter() - t0
     result.tokens.update({n: int(s.tokens) for n, s in stats.items()})  # an MoE expert: the tokens routed to it
@@ -249,52 +258,3 @@ def _calibrate_and_prune(block, targets, inputs, method, plan, options, result, 
         result.forward_s += time.perf_counter() - t0
     for inp, out in zip(inputs, outs):
         inp.hidden = out
-
-
-def dense_pass(
-    blocks: Sequence[Tuple[str, nn.Module]],
-    inputs: List[BlockInput],
-    targets_fn: TargetsFn,
-    on_block: Callable[[str, Dict[str, nn.Module], Dict[str, LayerStats]], None],
-    *,
-    store_device="cpu",
-    progress: bool = True,
-    desc: str = "dense statistics",
-    placement: Optional[Placement] = None,
-) -> None:
-    """Run every block once on the dense model's own activations, with statistics hooks on its
-    targets, and give each block's statistics to ``on_block``: what an allocation (OWL) weighs
-    before anything is pruned. ``inputs`` are left as they are, for the pruning pass after. Statistics
-    are summed over ranks, as in :func:`prune_sequential`."""
-    current = [dataclasses.replace(inp) for inp in inputs]
-    placement = placement or Placement()
-    for name, block in tqdm(blocks, desc=desc, disable=not progress):
-        targets = targets_fn(name, block)
-        placement.enter(name, block)
-        device = _device(block, store_device)
-        with torch.no_grad(), collect_stats(targets) as stats:
-            outs = [inp.call(block, device).to(store_device) for inp in current]
-        sum_stats(stats)
-        on_block(name, targets, stats)  # reads the block's weights: before they are given back
-        placement.leave(name, block, pruned=False)
-        for inp, out in zip(current, outs):
-            inp.hidden = out
-
-
-@torch.no_grad()
-def forward_sequential(
-    blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput], placement: Optional[Placement] = None,
-    store_device="cpu", progress: bool = False, desc: str = "blocks",
-) -> List[torch.Tensor]:
-    """What the last block outputs for each input, running block 0 over every input, then block 1,
-    ...: a model whose blocks come in one at a time (offload) is evaluated without ever being whole."""
-    placement = placement or Placement()
-    current = [dataclasses.replace(inp) for inp in inputs]
-    for name, block in tqdm(blocks, desc=desc, disable=not progress):
-        placement.enter(name, block)
-        device = _device(block, store_device)
-        outs = [inp.call(block, device).to(store_device) for inp in current]
-        placement.leave(name, block, pruned=False)
-        for inp, out in zip(current, outs):
-            inp.hidden = out
-    return [inp.hidden for inp in current]

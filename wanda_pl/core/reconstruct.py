@@ -2,11 +2,14 @@
 Compression" 2025): after every layer of a block is pruned, a few steps of Adam on the block's kept
 weights, masks fixed, so that its output matches the dense block's.
 
-Targets: the dense block's outputs on the inputs the pruned model gives it, which the engine's first
-pass computes anyway (the statistics pass runs the dense block on them). So each block corrects its
-own pruning error, on the activations it will see; a target from a dense model's own activations
-would also pull each block towards undoing the errors of the blocks before it, but needs a second,
-dense, activation stream through the whole model (twice the calibration memory and forwards).
+Targets (``--pruning.reconstruct_target``): ``pruned`` (default), the dense block's outputs on the
+inputs the pruned model gives it, which the engine's first pass computes anyway (the statistics pass
+runs the dense block on them): each block corrects its own pruning error, on the activations it will
+see. ``dense``: the dense model's own outputs at that block, from a second, dense, activation stream
+kept beside the pruned one (twice the calibration memory, one more forward per block), which also
+pulls each block towards undoing the errors of the blocks before it. Both fit on the pruned model's
+inputs. Measured on SmolLM2 in the README (Block reconstruction); a resumed run cannot rebuild the
+dense stream of the blocks already pruned, so ``dense`` is refused there.
 
 ``block``: one loss on the block's output. ``attn_mlp``: each child of the block that holds targets
 (the attention, the MLP; a family whose linears sit directly in the block: each of them) is fitted to
@@ -30,6 +33,7 @@ from .hooks import map_tensors
 from .layers import fused_slice, parameter_of
 
 MODES = ("none", "block", "attn_mlp")
+TARGETS = ("pruned", "dense")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Reconstruction:
     lr: float = 1e-3
     batch: int = 4
     seed: int = 0
+    target: str = "pruned"  # whose inputs the dense block's target outputs come from (see the module's doc)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -49,6 +54,12 @@ class Reconstruction:
             raise ValueError(f"pruning.reconstruct_lr must be > 0, got {self.lr!r}")
         if not isinstance(self.batch, int) or self.batch < 1:
             raise ValueError(f"pruning.reconstruct_batch must be an integer >= 1, got {self.batch!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"pruning.reconstruct_target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+
+    @property
+    def dense_stream(self) -> bool:
+        return self.enabled and self.target == "dense"
 
     @property
     def enabled(self) -> bool:
@@ -81,6 +92,13 @@ def record_calls(modules: Dict[str, nn.Module], store_device) -> Iterator[Dict[s
     finally:
         for h in handles:
             h.remove()
+
+
+def with_targets(calls: Dict[str, List[tuple]], dense: Dict[str, List[tuple]]) -> Dict[str, List[tuple]]:
+    """The calls recorded on the pruned model's inputs, each with the output the dense model's own
+    stream gave at the same call instead (``reconstruct_target dense``)."""
+    return {name: [(args, kwargs, d[2]) for (args, kwargs, _), d in zip(calls[name], dense[name], strict=True)]
+            for name in calls}
 
 
 def _to(obj, device, fresh: bool = False):

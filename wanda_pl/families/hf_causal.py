@@ -182,7 +182,7 @@ def blockwise_logits(model: nn.Module, batches: List[torch.Tensor], placement, d
     """(ids, logits) per batch of windows, computed block-sequentially (embedding, block 0 over every
     window, block 1, ..., norm and head) with ``placement`` bringing each block in: the numbers of
     whole-model forwards, with one block present at a time."""
-    from ..core.engine import forward_sequential
+    from ..core.passes import forward_sequential
 
     if not batches:
         return

@@ -28,7 +28,7 @@ from .wanda import wanda_score
 GENERAL = dict(method="wanda", sparsity_ratio=None, sparsity_type="unstructured", refine="none", update="none",
                bias_correction=False, allocation="uniform", owl_m=5.0, owl_lambda=0.08, profile=None,
                min_expert_tokens=None, rare_experts="magnitude", experts_ratio=0.0, reconstruct="none",
-               reconstruct_steps=20, reconstruct_lr=1e-3, reconstruct_batch=4, preset=None)
+               reconstruct_steps=20, reconstruct_lr=1e-3, reconstruct_batch=4, reconstruct_target="pruned", preset=None)
 
 
 def general_docs() -> Dict[str, str]:
@@ -58,6 +58,8 @@ def general_docs() -> Dict[str, str]:
         "reconstruct_steps": "Adam steps of each reconstruction.",
         "reconstruct_lr": "learning rate of the reconstruction's Adam.",
         "reconstruct_batch": "calibration samples per reconstruction step.",
+        "reconstruct_target": "the outputs fitted: ``pruned`` (the dense block's on the pruned model's inputs) or "
+                              "``dense`` (the dense model's own, from a second activation stream; not resumable).",
         "preset": "a named combination of the settings above: "
                   + "; ".join(f"``{n}`` = " + ", ".join(f"{k} {v}" for k, v in p.items()) for n, p in PRESETS.items())
                   + " (a setting given beside it must agree with it).",
@@ -102,7 +104,7 @@ class PruningSettings:
             raise ValueError(f"pruning.experts_ratio must be in [0, 1), got {args['experts_ratio']!r}")
         rare = RareExperts(args["min_expert_tokens"], args["rare_experts"], get_method("magnitude"))
         reconstruct = Reconstruction(args["reconstruct"], args["reconstruct_steps"], args["reconstruct_lr"],
-                                     args["reconstruct_batch"])
+                                     args["reconstruct_batch"], target=args["reconstruct_target"])
         return cls(args, spec, method, chosen, allocation, rare, reconstruct)
 
     def replace(self, **changes: Any) -> "PruningSettings":
