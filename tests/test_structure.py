@@ -7,6 +7,8 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_config
 from wanda_pl.core import structure as st
 
+from test_cli import count_validations  # noqa: E402,F401  (the fixture)
+
 LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "gemma2")
 
 
@@ -147,3 +149,106 @@ def test_a_family_of_another_layout_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="'gpt2'.*fused or Conv1D"):
         st.layout_of(tiny_config("gpt2"))
     assert st.layout_of(tiny_config("llama")) is st.LLAMA
+
+
+# --------------------------------------------------------------------------- through the prune command
+def _prune_cli(tiny_dirs, text_file, out, *extra):
+    from conftest import run_cli
+    from test_cli import base_args
+
+    return run_cli(base_args(tiny_dirs["llama"], text_file, out, "--save_model", "true", *extra))
+
+
+def test_width_prunes_to_a_smaller_model_that_stock_code_reloads(tiny_dirs, text_file, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    error, _ = _prune_cli(tiny_dirs, text_file, out, "--pruning.structure", "width", "--pruning.sparsity_ratio", "0.5")
+    assert error is None, error
+    report = json.loads((out / "report.json").read_text())
+    back = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert back.config.intermediate_size == 64 and back.config.num_key_value_heads == 1
+    assert back.config.num_attention_heads == 2 and back.config.head_dim == 16
+    assert report["parameters"] == sum(p.numel() for p in back.parameters()) < report["parameters_dense"]
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    assert report["parameters_dense"] == sum(p.numel() for p in dense.parameters())
+    assert report["structure"] == "width" and report["method"] == "wanda" and report["actual_sparsity"] == 0.0
+    kept = report["structure_result"]["kept"]["model.layers.0"]
+    assert len(kept["channels"]) == 64 and len(kept["kv_groups"]) == 1
+    # block 0's channels are Wanda-sp's top half, from the dense model on the run's own calibration windows
+    ids = torch.load(out / "calibration_ids.pt")
+    mlp, sums = dense.model.layers[0].mlp, {}
+    hooks = [getattr(mlp, n).register_forward_hook(
+        lambda m, a, o, n=n: sums.__setitem__(n, sums.get(n, 0) + a[0].reshape(-1, a[0].shape[-1]).double().pow(2).sum(0)))
+        for n in ("gate_proj", "down_proj")]
+    with torch.no_grad():
+        for row in ids.split(1):
+            dense(row)
+    for h in hooks:
+        h.remove()
+    scores = _slow_scores("wanda", [mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()],
+                          mlp.down_proj.weight.detach(), sums["gate_proj"], sums["down_proj"], None)
+    assert kept["channels"] == sorted(torch.sort(scores, descending=True, stable=True).indices[:64].tolist())
+    # the reloaded model computes what the run measured
+    assert report["metrics"]["ppl"]["pruned"] > 1 and (out / "model" / "README.md").is_file()
+
+
+@pytest.mark.parametrize("score", ["magnitude", "flap"])
+def test_every_width_score_runs_and_chooses_its_own_channels(tiny_dirs, text_file, tmp_path, score):
+    import json
+
+    runs = {}
+    for method in ("wanda", score):
+        out = tmp_path / method
+        error, _ = _prune_cli(tiny_dirs, text_file, out, "--pruning.structure", "width", "--pruning.method", method,
+                              "--pruning.width_mlp", "0.25", "--pruning.width_heads", "0")
+        assert error is None, error
+        runs[method] = json.loads((out / "report.json").read_text())
+    kept = {m: r["structure_result"]["kept"]["model.layers.0"] for m, r in runs.items()}
+    assert runs[score]["method"] == score and len(kept[score]["channels"]) == 96 and "kv_groups" not in kept[score]
+    assert kept[score]["channels"] != kept["wanda"]["channels"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / score / "model").config.num_attention_heads == 4
+
+
+def test_fit_refuses_to_reshape_the_model_it_trains(tiny_dirs):
+    from types import SimpleNamespace
+
+    from wanda_pl.callbacks import Pruning
+    from wanda_pl.modules.causal_lm import CausalLM
+
+    pruning = Pruning(structure="depth", blocks_removed=1, enabled=True)
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    with pytest.raises(ValueError, match="prune with --save_model true, then fit the saved, smaller model"):
+        pruning.obtain_masks(trainer, CausalLM(str(tiny_dirs["llama"])))
+
+
+def test_depth_removes_the_least_influential_blocks(tiny_dirs, text_file, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    error, _ = _prune_cli(tiny_dirs, text_file, out, "--pruning.structure", "depth", "--pruning.blocks_removed", "1")
+    assert error is None, error
+    report = json.loads((out / "report.json").read_text())
+    influence = report["structure_result"]["influence"]
+    assert report["structure_result"]["removed"] == [min(influence, key=influence.get)]
+    back = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert back.config.num_hidden_layers == 1 and len(back.model.layers) == 1
+    assert report["parameters"] == sum(p.numel() for p in back.parameters())
+
+
+BAD = [
+    (["--pruning.structure", "width", "--pruning.width_mlp", "0.999"], "leaves no MLP channel of 128"),
+    (["--pruning.structure", "width", "--pruning.width_heads", "0.9"], "leaves no attention head"),
+    (["--pruning.structure", "depth", "--pruning.blocks_removed", "2"], "blocks_removed 2 must be below the model's 2"),
+    (["--pruning.structure", "width", "--pruning.sparsity_type", "2:4"], "sparsity_type 2:4"),
+    (["--pruning.structure", "width", "--pruning.update", "admm"], "pruning.update='admm'"),
+    (["--pruning.structure", "width", "--pruning.method", "sparsegpt"], "magnitude, wanda, flap"),
+    (["--pruning.structure", "sideways"], "pruning.structure must be one of none, width, depth"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[m for _, m in BAD])
+def test_bad_structure_settings_fail_before_any_work(tiny_dirs, text_file, tmp_path, count_validations, extra, message):
+    error, _ = _prune_cli(tiny_dirs, text_file, tmp_path / "sub" / "out", *extra)
+    assert error is not None and message in error, error
+    assert count_validations == [] and not (tmp_path / "sub").exists()

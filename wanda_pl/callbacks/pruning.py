@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..core.engine import NoCheckpoints, PruneResult, merge_resumed, prune_sequential
 from ..core.expert_pruning import prune_experts
+from ..core.reshape import reshape_model
 from ..methods import options
 from ..methods.settings import GENERAL, PruningSettings, general_docs
 from ..training.masks import check_strategy, mask_files, masks_from, parameters_and_masks, with_zeros
@@ -54,14 +55,10 @@ class Pruning(Callback):
                  min_expert_tokens: Optional[int] = None, rare_experts: str = "magnitude", experts_ratio: float = 0.0,
                  reconstruct: str = "none", reconstruct_steps: int = 20, reconstruct_lr: float = 1e-3,
                  reconstruct_batch: int = 4, reconstruct_target: str = "pruned", preset: Optional[str] = None,
-                 enabled: bool = False, masks_from: Optional[str] = None,
+                 structure: str = "none", width_mlp: Optional[float] = None, width_heads: Optional[float] = None,
+                 blocks_removed: int = 0, enabled: bool = False, masks_from: Optional[str] = None,
                  **method_options: Any) -> None:
-        given = dict(method=method, sparsity_ratio=sparsity_ratio, sparsity_type=sparsity_type, refine=refine,
-                     update=update, bias_correction=bias_correction, allocation=allocation, owl_m=owl_m,
-                     owl_lambda=owl_lambda, profile=profile, min_expert_tokens=min_expert_tokens,
-                     rare_experts=rare_experts, experts_ratio=experts_ratio, reconstruct=reconstruct,
-                     reconstruct_steps=reconstruct_steps, reconstruct_lr=reconstruct_lr,
-                     reconstruct_batch=reconstruct_batch, reconstruct_target=reconstruct_target, preset=preset)
+        given = {k: v for k, v in locals().items() if k in GENERAL}  # every general setting, as named above
         self.settings = PruningSettings.from_args(**given, **method_options)
         if masks_from is not None and masks_from != "zeros":
             if not mask_files(masks_from):
@@ -117,6 +114,10 @@ class Pruning(Callback):
         t0 = time.perf_counter()
         blocks, inputs, store, shares = calib.block_inputs(trainer, pl_module, settings.needs_activations)
         t1 = time.perf_counter()
+        if settings.structure.enabled:
+            result = reshape_model(pl_module, blocks, inputs, settings.structure, store, placement,
+                                   trainer.is_global_zero)
+            return self._done(run, result, shares, t0, t1)
         removed = prune_experts(blocks, inputs, settings.experts_ratio, pl_module.model.config, store, placement,
                                 trainer.is_global_zero) if settings.experts_ratio else {}
         ckpt = run.checkpoints or NoCheckpoints()
@@ -132,10 +133,13 @@ class Pruning(Callback):
         )
         merge_resumed(done, result, start)
         result.experts = removed
+        result.forward_s += t_plan if settings.allocation.needs_activations else 0.0
+        return self._done(run, result, shares, t0, t1)
+
+    def _done(self, run: PruningRun, result: PruneResult, shares, t0: float, t1: float) -> PruneResult:
         result.samples_per_rank = shares
         self.masks, self.masks_source = result.masks, "pruned"
         result.calibration_data_s, result.total_s = t1 - t0, time.perf_counter() - t1
-        result.forward_s += t_plan if settings.allocation.needs_activations else 0.0
         self.result = run.result = result
         return result
 
@@ -151,6 +155,9 @@ class Pruning(Callback):
             self.masks = masks_from(self.masks_from, pl_module.all_targets())
             self.masks_source = f"masks_from:{self.masks_from}"
         elif self.enabled:
+            if self.settings.structure.enabled and trainer.state.fn == "fit":
+                raise ValueError("pruning.structure reshapes the model, which fit's optimizer already holds: prune with "
+                                 "--save_model true, then fit the saved, smaller model (distilling from the dense one)")
             if is_sharded(pl_module.model):
                 raise NotImplementedError(
                     "the Pruning callback computes masks on whole weights, and this model's weights are sharded "

@@ -138,6 +138,8 @@ def _report(trainer, model, datamodule, settings, result, pair, config, sections
                  **({"reconstruction": result.reconstruction} if result.reconstruction else {}),
                  **({"experts_pruned": result.experts,
                      "parameters": sum(p.numel() for p in model.model.parameters())} if result.experts else {}),
+                 **({"structure_result": result.structure, "parameters": result.structure["parameters"]["after"],
+                     "parameters_dense": result.structure["parameters"]["before"]} if result.structure else {}),
                  **_results(model, dense, pruned)},
         timing={"time_s": {
             "calibration": round(result.calibration_data_s + result.forward_s, 3),
@@ -173,6 +175,10 @@ def _write(stage: Path, output_dir, model, datamodule, settings, result, report,
 
 
 def _title(report: Dict[str, Any]) -> str:
+    if report.get("structure") == "depth":
+        return f"depth: {report['blocks_removed']} blocks removed"
+    if report.get("structure") == "width":
+        return f"{report['method']} width: mlp {report['width_mlp']:g}, heads {report['width_heads']:g}"
     return f"{method_label(report)} {report['sparsity_type']} {report['sparsity_ratio']:g}"
 
 

@@ -67,6 +67,7 @@ class PruneResult:
     rare: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # rare experts' slices: tokens, what they took
     experts: Dict[str, Dict[str, list]] = field(default_factory=dict)  # whole experts removed, per MoE (REAP)
     reconstruction: Dict[str, Dict[str, float]] = field(default_factory=dict)  # part -> output error before/after
+    structure: Dict[str, Any] = field(default_factory=dict)  # --pruning.structure: what was kept, removed, counted
 
 
 class NoCheckpoints:

@@ -170,3 +170,63 @@ def smaller_config(config, *, intermediate: Optional[int] = None, heads: Optiona
             if isinstance(values, list) and len(values) == config.num_hidden_layers:
                 setattr(config, field, [values[i] for i in blocks])
         config.num_hidden_layers = len(blocks)
+
+
+MODES = ("none", "width", "depth")
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What ``--pruning.structure`` removes: ``width`` (``mlp``: the share of every block's MLP channels,
+    ``heads``: of its KV groups with their query heads, by ``score``), or ``depth`` (``blocks`` whole
+    blocks, least influence first)."""
+
+    mode: str = "none"
+    score: str = "wanda"
+    mlp: float = 0.0
+    heads: float = 0.0
+    blocks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"pruning.structure must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "width":
+            if self.score not in SCORES:
+                raise ValueError(f"pruning.structure width scores channels by pruning.method one of "
+                                 f"{', '.join(SCORES)}, got {self.score!r}")
+            for name, share in (("width_mlp", self.mlp), ("width_heads", self.heads)):
+                if not (isinstance(share, (int, float)) and 0 <= share < 1):
+                    raise ValueError(f"pruning.{name} must be in [0, 1), got {share!r}")
+            if not self.mlp and not self.heads:
+                raise ValueError("pruning.structure width with width_mlp and width_heads both 0 removes nothing")
+        if self.mode == "depth" and not (isinstance(self.blocks, int) and self.blocks >= 1):
+            raise ValueError(f"pruning.structure depth needs pruning.blocks_removed >= 1, got {self.blocks!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def widths(self, config) -> Dict[str, int]:
+        """Channels and KV groups every block keeps; refused where nothing would be left."""
+        layout = layout_of(config)
+        channels = getattr(config, layout.width_field)
+        groups = config.num_key_value_heads
+        keep = {"channels": channels - round(self.mlp * channels), "kv_groups": groups - round(self.heads * groups)}
+        if keep["channels"] < 1:
+            raise ValueError(f"pruning.width_mlp {self.mlp:g} leaves no MLP channel of {channels} in a block")
+        if keep["kv_groups"] < 1:
+            raise ValueError(f"pruning.width_heads {self.heads:g} leaves no attention head: the {groups} KV groups "
+                             f"(each with {config.num_attention_heads // groups} query heads) go whole")
+        return keep
+
+    def describe(self) -> Dict[str, object]:
+        if self.mode == "depth":
+            return {"structure": "depth", "blocks_removed": self.blocks, "method": "influence"}
+        return {"structure": "width", "width_mlp": self.mlp, "width_heads": self.heads, "method": self.score}
+
+    def check(self, config) -> None:
+        if self.mode == "width":
+            self.widths(config)
+        elif self.mode == "depth" and self.blocks >= config.num_hidden_layers:
+            raise ValueError(f"pruning.blocks_removed {self.blocks} must be below the model's "
+                             f"{config.num_hidden_layers} blocks")

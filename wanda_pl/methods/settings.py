@@ -18,6 +18,7 @@ from ..core.engine import check_targets, needs_activations
 from ..core.method import Method
 from ..core.plan import Plan, uniform
 from ..core.reconstruct import MODES, Reconstruction
+from ..core.structure import Structure
 from ..core.sparsity import SparsitySpec
 from . import METHODS, STEP_KINDS, check_options, get_method, get_step, options, step_names
 from .compose import compose
@@ -28,7 +29,8 @@ from .wanda import wanda_score
 GENERAL = dict(method="wanda", sparsity_ratio=None, sparsity_type="unstructured", refine="none", update="none",
                bias_correction=False, allocation="uniform", owl_m=5.0, owl_lambda=0.08, profile=None,
                min_expert_tokens=None, rare_experts="magnitude", experts_ratio=0.0, reconstruct="none",
-               reconstruct_steps=20, reconstruct_lr=1e-3, reconstruct_batch=4, reconstruct_target="pruned", preset=None)
+               reconstruct_steps=20, reconstruct_lr=1e-3, reconstruct_batch=4, reconstruct_target="pruned", preset=None,
+               structure="none", width_mlp=None, width_heads=None, blocks_removed=0)
 
 
 def general_docs() -> Dict[str, str]:
@@ -60,6 +62,14 @@ def general_docs() -> Dict[str, str]:
         "reconstruct_batch": "calibration samples per reconstruction step.",
         "reconstruct_target": "the outputs fitted: ``pruned`` (the dense block's on the pruned model's inputs) or "
                               "``dense`` (the dense model's own, from a second activation stream; not resumable).",
+        "structure": "``width``: remove whole MLP channels and attention heads (KV groups with their query heads), "
+                     "scored by pruning.method (magnitude, wanda: Wanda-sp, flap: FLAP's fluctuation); ``depth``: "
+                     "remove whole blocks, least influence (1 - cos of the hidden state in and out) first; the saved "
+                     "model is smaller and loads with stock from_pretrained. ``none``: weight sparsity.",
+        "width_mlp": "structure width: the share of every block's MLP channels removed (unset: sparsity_ratio).",
+        "width_heads": "structure width: the share of every block's KV groups removed, each with its query heads "
+                       "(unset: sparsity_ratio).",
+        "blocks_removed": "structure depth: how many blocks are removed.",
         "preset": "a named combination of the settings above: "
                   + "; ".join(f"``{n}`` = " + ", ".join(f"{k} {v}" for k, v in p.items()) for n, p in PRESETS.items())
                   + " (a setting given beside it must agree with it).",
@@ -75,6 +85,7 @@ class PruningSettings:
     allocation: Allocation
     rare: RareExperts  # what MoE experts that calibration barely reached get
     reconstruct: Reconstruction  # the block-level reconstruction after each block (mode none: off)
+    structure: Structure  # whole channels, heads or blocks removed instead of weights zeroed (mode none: off)
 
     @classmethod
     def from_args(cls, **given: Any) -> "PruningSettings":
@@ -86,7 +97,9 @@ class PruningSettings:
         args = {**defaults, **expand(given, defaults)}
         spec = SparsitySpec.parse(args["sparsity_type"], args["sparsity_ratio"])
         refine, update = args["refine"], args["update"]
-        method = compose(get_method(args["method"]), get_step("refine", refine), get_step("update", update))
+        structure = _structure(args, spec)
+        layer_method = "magnitude" if structure.enabled else args["method"]  # a structure scores by itself
+        method = compose(get_method(layer_method), get_step("refine", refine), get_step("update", update))
         if refine == "dsnot" and args["bias_correction"]:
             raise ValueError("pruning.refine dsnot balances the mean output change that bias_correction restores "
                              "exactly: use one of them")
@@ -105,7 +118,7 @@ class PruningSettings:
         rare = RareExperts(args["min_expert_tokens"], args["rare_experts"], get_method("magnitude"))
         reconstruct = Reconstruction(args["reconstruct"], args["reconstruct_steps"], args["reconstruct_lr"],
                                      args["reconstruct_batch"], target=args["reconstruct_target"])
-        return cls(args, spec, method, chosen, allocation, rare, reconstruct)
+        return cls(args, spec, method, chosen, allocation, rare, reconstruct, structure)
 
     def replace(self, **changes: Any) -> "PruningSettings":
         return PruningSettings.from_args(**{**self.args, **changes})
@@ -121,7 +134,7 @@ class PruningSettings:
     @property
     def needs_activations(self) -> bool:
         return needs_activations(self.method, self.bias_correction) or self.allocation.needs_activations \
-            or self.experts_ratio > 0 or self.reconstruct.enabled
+            or self.experts_ratio > 0 or self.reconstruct.enabled or self.structure.enabled
 
     def describe(self) -> Dict[str, Any]:
         """The report's ``method`` section."""
@@ -139,6 +152,7 @@ class PruningSettings:
             **{k: a[k] for k in ("min_expert_tokens", "rare_experts", "experts_ratio") if a[k] != GENERAL[k]},
             **({k: a[k] for k in a if k.startswith("reconstruct")} if self.reconstruct.enabled else {}),
             **({"preset": a["preset"]} if a["preset"] is not None else {}),
+            **(self.structure.describe() if self.structure.enabled else {}),
         }
 
     def check(self, pl_module) -> None:
@@ -165,9 +179,36 @@ class PruningSettings:
                 to_remove(experts.gate_up_proj.shape[0], self.experts_ratio, top_k)
         if self.bias_correction:
             correction.check_possible(targets, [pl_module])
+        if self.structure.enabled:
+            self.structure.check(pl_module.model.config)
+            if getattr(pl_module, "disk", None) is not None:
+                raise ValueError(f"pruning.structure {self.structure.mode} reshapes the model, and model.offload disk "
+                                 "writes the checkpoint's own shapes: use model.offload cpu")
 
     def plan(self, blocks, inputs, targets_fn, store_device="cpu", progress: bool = False,
              placement: Optional[Any] = None) -> Plan:
         """Each target's sparsity (OWL: from a dense pass over ``inputs``, scored by Wanda's score)."""
         return self.allocation.plan(self.spec, blocks, inputs, targets_fn, store_device, progress, placement,
                                     outlier_score=wanda_score)
+
+
+# The settings that shape weight sparsity, which a structure (whole channels, heads, blocks) does not take.
+_WEIGHT_ONLY = dict(refine="none", update="none", allocation="uniform", reconstruct="none", bias_correction=False,
+                    experts_ratio=0.0, use_variant=False)
+
+
+def _structure(args: Mapping[str, Any], spec: SparsitySpec) -> Structure:
+    mode = args["structure"]
+    if mode in (None, "none"):
+        return Structure()
+    share = spec.ratio
+    structure = Structure(mode, args["method"], share if args["width_mlp"] is None else args["width_mlp"],
+                          share if args["width_heads"] is None else args["width_heads"], args["blocks_removed"])
+    if spec.type != "unstructured":
+        raise ValueError(f"pruning.structure {mode} removes whole channels or blocks; sparsity_type {spec.type} "
+                         "zeroes weights in groups: use one of them")
+    clash = [k for k, v in _WEIGHT_ONLY.items() if args.get(k, v) != v]
+    if clash:
+        raise ValueError(f"pruning.structure {mode} removes whole channels or blocks, and pruning.{clash[0]}="
+                         f"{args[clash[0]]!r} shapes weight sparsity: drop one of them")
+    return structure

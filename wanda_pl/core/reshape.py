@@ -1,0 +1,141 @@
+"""The block-sequential passes that make a model smaller (``--pruning.structure``), on the engine's
+pieces: each block's statistics over every calibration input (summed over ranks), the block cut, and
+its new outputs fed to the next block, so every block is scored on the activations it will see."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .distributed import check_same, sum_stats, summed
+from .engine import device_of
+from .hooks import BlockInput, collect_stats
+from .onload import Placement
+from .engine import PruneResult
+from .layers import weight_matrix
+from .sparsity import SparsitySpec
+from .structure import Structure, channel_scores, group_scores, keep_blocks, keep_kv_groups, keep_mlp_channels, \
+    keep_top, influence, layout_of, smaller_config
+
+
+def _stats_of(stats, prefix: str, names: Sequence[str]):
+    return [stats[f"{prefix}.{n}"] for n in names]
+
+
+def _variance(s) -> torch.Tensor:
+    mean = s.col_sum / max(s.tokens, 1)
+    return (s.sq_sum / max(s.tokens, 1) - mean * mean).clamp_min(0)
+
+
+def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Dict[str, int], config) -> Dict[str, list]:
+    """Score and cut one block in place; returns the kept channel and KV-group indices."""
+    layout, out = layout_of(config), {}
+    mlp_name, attn_name = f"{name}.{layout.mlp}", f"{name}.{layout.attention}"
+    mlp, attention = block.get_submodule(layout.mlp), block.get_submodule(layout.attention)
+    if structure.mlp:
+        producers = [getattr(mlp, p).weight.detach() for p in layout.producers]
+        consumer = getattr(mlp, layout.consumer).weight.detach()
+        p_stats, c_stats = stats[f"{mlp_name}.{layout.producers[0]}"], stats[f"{mlp_name}.{layout.consumer}"]
+        scores = channel_scores(structure.score, producers, consumer, p_stats.sq_sum, c_stats.sq_sum, _variance(c_stats))
+        kept = keep_top(scores, keep["channels"])
+        keep_mlp_channels(mlp, kept, layout)
+        out["channels"] = kept.tolist()
+    if structure.heads:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        group = config.num_attention_heads // config.num_key_value_heads
+        q, k, v, o = (getattr(attention, p).weight.detach() for p in (layout.q, layout.k, layout.v, layout.o))
+        h_stats, o_stats = stats[f"{attn_name}.{layout.q}"], stats[f"{attn_name}.{layout.o}"]
+        # per channel: q rows and o columns (a query head's), k and v rows (its KV group's)
+        per_q = channel_scores(structure.score, [q], o, h_stats.sq_sum, o_stats.sq_sum, _variance(o_stats))
+        if structure.score == "flap":
+            per_kv = torch.zeros(k.shape[0])  # FLAP scores a head by its output's fluctuation alone
+        else:
+            per_kv = channel_scores(structure.score, [k, v], torch.zeros(1, k.shape[0]), h_stats.sq_sum,
+                                    torch.zeros(k.shape[0]), None)
+        scores = group_scores(per_q, head_dim * group) + group_scores(per_kv, head_dim)
+        kept = keep_top(scores, keep["kv_groups"])
+        keep_kv_groups(attention, kept, head_dim, group, layout)
+        out["kv_groups"] = kept.tolist()
+    return out
+
+
+def prune_width(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput], targets_fn, structure: Structure,
+                config, store_device="cpu", placement=None, progress: bool = True) -> Dict[str, Any]:
+    """Cut every block to the same widths (the config states one number each); ``inputs`` end as
+    the last block's outputs. Returns the kept indices per block and the widths."""
+    keep, placement = structure.widths(config), placement or Placement()
+    kept: Dict[str, Dict[str, list]] = {}
+    for name, block in tqdm(blocks, desc=f"width ({structure.score})", disable=not progress):
+        placement.enter(name, block)
+        device = device_of(block, store_device)
+        with torch.no_grad(), collect_stats(targets_fn(name, block)) as stats:
+            for inp in inputs:
+                inp.call(block, device)
+        sum_stats(stats)
+        kept[name] = cut_block(name, block, stats, structure, keep, config)
+        check_same(name, {k: torch.tensor(v) for k, v in kept[name].items()})
+        with torch.no_grad():
+            outs = [inp.call(block, device).to(store_device) for inp in inputs]
+        placement.leave(name, block, pruned=True)
+        for inp, out in zip(inputs, outs):
+            inp.hidden = out
+    heads = None
+    if structure.heads:
+        group = config.num_attention_heads // config.num_key_value_heads
+        heads = keep["kv_groups"] * group
+    smaller_config(config, intermediate=keep["channels"] if structure.mlp else None, heads=heads,
+                   kv_heads=keep["kv_groups"] if structure.heads else None, layout=layout_of(config))
+    return {"kept": kept, "widths": keep}
+
+
+def prune_depth(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput],
+                structure: Structure, store_device="cpu", placement=None, progress: bool = True) -> Dict[str, Any]:
+    """Remove the ``structure.blocks`` blocks that turn the hidden state least (on the dense model's
+    own activations); the model's block list and config say so. Returns every block's influence."""
+    placement, current = placement or Placement(), [dataclasses.replace(inp) for inp in inputs]
+    scores = []
+    for name, block in tqdm(blocks, desc="depth: influence", disable=not progress):
+        placement.enter(name, block)
+        device = device_of(block, store_device)
+        with torch.no_grad():
+            outs = [inp.call(block, device).to(store_device) for inp in current]
+        placement.leave(name, block, pruned=False)
+        total = torch.tensor([sum(influence(i.hidden, o) * o[..., 0].numel() for i, o in zip(current, outs)),
+                              float(sum(o[..., 0].numel() for o in outs))], dtype=torch.float64)
+        total = summed(total)
+        scores.append(float(total[0] / total[1]))
+        for inp, out in zip(current, outs):
+            inp.hidden = out
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    removed = sorted(order[: structure.blocks])
+    keep = [i for i in range(len(blocks)) if i not in removed]
+    parent_name = blocks[0][0].rsplit(".", 1)[0]
+    owner_name, _, attr = parent_name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    setattr(owner, attr, keep_blocks(getattr(owner, attr), keep))
+    smaller_config(model.config, blocks=keep)
+    return {"removed": [blocks[i][0] for i in removed], "influence": {n: round(s, 6) for (n, _), s in zip(blocks, scores)}}
+
+
+
+def reshape_model(pl_module, blocks, inputs: List[BlockInput], structure: Structure, store_device="cpu",
+                  placement=None, progress: bool = True) -> PruneResult:
+    """``--pruning.structure``: the model made smaller in place; the result holds what was kept or
+    removed and the parameter counts before and after, and no weight is zeroed (masks all False)."""
+    model = pl_module.model
+    before = sum(p.numel() for p in model.parameters())
+    if structure.mode == "width":
+        info = prune_width(blocks, inputs, pl_module.block_targets, structure, model.config, store_device, placement,
+                           progress)
+    else:
+        info = prune_depth(model, blocks, inputs, structure, store_device, placement, progress)
+    result = PruneResult()
+    for name, module in pl_module.all_targets().items():
+        result.masks[name] = torch.zeros(weight_matrix(module).shape, dtype=torch.bool)
+        result.plan[name] = SparsitySpec(0.0)
+    result.structure = {"mode": structure.mode, **info,
+                        "parameters": {"before": before, "after": sum(p.numel() for p in model.parameters())}}
+    return result
