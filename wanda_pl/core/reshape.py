@@ -4,6 +4,7 @@ its new outputs fed to the next block, so every block is scored on the activatio
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
@@ -125,14 +126,14 @@ def reshape_model(pl_module, blocks, inputs: List[BlockInput], structure: Struct
                   placement=None, progress: bool = True) -> PruneResult:
     """``--pruning.structure``: the model made smaller in place; the result holds what was kept or
     removed and the parameter counts before and after, and no weight is zeroed (masks all False)."""
-    model = pl_module.model
+    model, t0 = pl_module.model, time.perf_counter()
     before = sum(p.numel() for p in model.parameters())
     if structure.mode == "width":
         info = prune_width(blocks, inputs, pl_module.block_targets, structure, model.config, store_device, placement,
                            progress)
     else:
         info = prune_depth(model, blocks, inputs, structure, store_device, placement, progress)
-    result = PruneResult()
+    result = PruneResult(forward_s=time.perf_counter() - t0)  # scoring is a small part of these passes
     for name, module in pl_module.all_targets().items():
         result.masks[name] = torch.zeros(weight_matrix(module).shape, dtype=torch.bool)
         result.plan[name] = SparsitySpec(0.0)
