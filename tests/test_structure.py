@@ -58,6 +58,24 @@ def test_channel_scores_equal_their_slow_definitions(score):
     torch.testing.assert_close(got, _slow_scores(score, producers, consumer, p_sq, c_sq, c_var), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refit_lowers_the_layer_error_and_keeping_everything_changes_nothing(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, 12, generator=g) @ torch.randn(12, 12, generator=g)  # correlated channels
+    w = torch.randn(5, 12, generator=g)
+    xtx = x.T @ x
+    keep = torch.tensor([0, 2, 3, 7, 8, 11])
+    full = x @ w.T
+    plain = x[:, keep] @ w[:, keep].T
+    refit = x[:, keep] @ st.refit_columns(w, xtx, keep).T
+    assert float((full - refit).pow(2).sum()) < 0.9 * float((full - plain).pow(2).sum())
+    # the least-squares optimum: no other weight on the kept columns does better (the normal equations hold)
+    exact = st.refit_columns(w, xtx, keep, damp=0.0)
+    residual = (full - x[:, keep] @ exact.T)
+    torch.testing.assert_close(residual.T @ x[:, keep], torch.zeros(5, 6), atol=1e-3, rtol=0)
+    torch.testing.assert_close(st.refit_columns(w, xtx, torch.arange(12), damp=0.0), w, atol=1e-4, rtol=1e-4)
+
+
 def test_keep_top_keeps_the_highest_in_order_and_refuses_nothing_left():
     scores = torch.tensor([3.0, 1.0, 5.0, 1.0, 4.0, 0.5])
     assert st.keep_top(scores, 3).tolist() == [0, 2, 4]
@@ -210,6 +228,32 @@ def test_every_width_score_runs_and_chooses_its_own_channels(tiny_dirs, text_fil
     assert AutoModelForCausalLM.from_pretrained(tmp_path / score / "model").config.num_attention_heads == 4
 
 
+def test_compensation_brings_each_block_closer_to_the_dense_one(tiny_dirs, text_file, tmp_path):
+    """The width run with compensation against the same run without (the default): the last hidden state
+    on calibration windows is closer to the dense model's."""
+    import json
+
+    outs = {}
+    for compensate in ("true", "false"):
+        out = tmp_path / compensate
+        error, _ = _prune_cli(tiny_dirs, text_file, out, "--pruning.structure", "width", "--pruning.sparsity_ratio",
+                              "0.5", "--pruning.compensate", compensate)
+        assert error is None, error
+        outs[compensate] = (json.loads((out / "report.json").read_text()), AutoModelForCausalLM.from_pretrained(out / "model"))
+    ids = torch.load(tmp_path / "true" / "calibration_ids.pt")
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    with torch.no_grad():
+        want = dense(ids, output_hidden_states=True).hidden_states[-1]
+        err = {c: float((m(ids, output_hidden_states=True).hidden_states[-1] - want).pow(2).mean())
+               for c, (_, m) in outs.items()}
+    assert err["true"] < err["false"], err
+    assert outs["true"][0]["compensate"] is True and outs["false"][0]["compensate"] is False
+    # block 0 keeps the same channels either way (compensation changes the kept weights, not the choice;
+    # later blocks see other inputs, so they may choose others)
+    kept = {c: r["structure_result"]["kept"]["model.layers.0"] for c, (r, _) in outs.items()}
+    assert kept["true"] == kept["false"]
+
+
 def test_fit_refuses_to_reshape_the_model_it_trains(tiny_dirs):
     from types import SimpleNamespace
 
@@ -244,6 +288,7 @@ BAD = [
     (["--pruning.structure", "width", "--pruning.update", "admm"], "pruning.update='admm'"),
     (["--pruning.structure", "width", "--pruning.method", "sparsegpt"], "magnitude, wanda, flap"),
     (["--pruning.structure", "sideways"], "pruning.structure must be one of none, width, depth"),
+    (["--pruning.compensate", "true"], "pruning.compensate refits what consumes removed channels"),
 ]
 
 

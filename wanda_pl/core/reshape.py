@@ -12,14 +12,13 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .distributed import check_same, sum_stats, summed
-from .engine import device_of
+from .engine import PruneResult, device_of
 from .hooks import BlockInput, collect_stats
-from .onload import Placement
-from .engine import PruneResult
 from .layers import weight_matrix
+from .onload import Placement
 from .sparsity import SparsitySpec
-from .structure import Structure, channel_scores, group_scores, keep_blocks, keep_kv_groups, keep_mlp_channels, \
-    keep_top, influence, layout_of, smaller_config
+from .structure import Structure, channel_scores, expand, group_scores, influence, keep_blocks, keep_kv_groups, \
+    keep_mlp_channels, keep_top, layout_of, refit_columns, smaller_config
 
 
 def _stats_of(stats, prefix: str, names: Sequence[str]):
@@ -42,7 +41,9 @@ def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Di
         p_stats, c_stats = stats[f"{mlp_name}.{layout.producers[0]}"], stats[f"{mlp_name}.{layout.consumer}"]
         scores = channel_scores(structure.score, producers, consumer, p_stats.sq_sum, c_stats.sq_sum, _variance(c_stats))
         kept = keep_top(scores, keep["channels"])
+        refit = refit_columns(consumer, c_stats.xtx, kept) if structure.compensate else None
         keep_mlp_channels(mlp, kept, layout)
+        _set_weight(getattr(mlp, layout.consumer), refit)
         out["channels"] = kept.tolist()
     if structure.heads:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -58,9 +59,18 @@ def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Di
                                     torch.zeros(k.shape[0]), None)
         scores = group_scores(per_q, head_dim * group) + group_scores(per_kv, head_dim)
         kept = keep_top(scores, keep["kv_groups"])
+        columns = expand(expand(kept, group), head_dim)  # o's inputs: the kept query heads' channels
+        refit = refit_columns(o, o_stats.xtx, columns) if structure.compensate else None
         keep_kv_groups(attention, kept, head_dim, group, layout)
+        _set_weight(getattr(attention, layout.o), refit)
         out["kv_groups"] = kept.tolist()
     return out
+
+
+def _set_weight(linear: nn.Linear, weight) -> None:
+    if weight is not None:
+        with torch.no_grad():
+            linear.weight.copy_(weight.to(linear.weight.device))
 
 
 def prune_width(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput], targets_fn, structure: Structure,
@@ -72,7 +82,7 @@ def prune_width(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput
     for name, block in tqdm(blocks, desc=f"width ({structure.score})", disable=not progress):
         placement.enter(name, block)
         device = device_of(block, store_device)
-        with torch.no_grad(), collect_stats(targets_fn(name, block)) as stats:
+        with torch.no_grad(), collect_stats(targets_fn(name, block), structure.compensate) as stats:
             for inp in inputs:
                 inp.call(block, device)
         sum_stats(stats)

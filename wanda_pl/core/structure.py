@@ -80,6 +80,17 @@ def channel_scores(score: str, producers: List[torch.Tensor], consumer: torch.Te
     return out + ((c * consumer_sq.float().sqrt()[None]).sum(0) if score == "wanda" else c.sum(0))
 
 
+def refit_columns(weight: torch.Tensor, xtx: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The consumer's weight on its kept input columns that best reproduces its full output on the
+    calibration inputs (least squares, FLAP's and SliceGPT's compensation): with ``H = X^T X``,
+    ``W' = W H[:, k] (H[k, k] + damp * mean(diag H[k, k]) I)^-1``; shaped (out, len(keep))."""
+    h = xtx.double()
+    hk = h[keep][:, keep]
+    hk = hk + damp * hk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(keep), dtype=h.dtype, device=h.device)
+    rhs = weight.double() @ h[:, keep]
+    return torch.linalg.solve(hk, rhs.T).T.to(weight.dtype)  # H[k, k] is symmetric
+
+
 def group_scores(scores: torch.Tensor, size: int) -> torch.Tensor:
     """Scores of consecutive groups of ``size`` channels (a head's ``head_dim``)."""
     if scores.numel() % size:
@@ -186,6 +197,7 @@ class Structure:
     mlp: float = 0.0
     heads: float = 0.0
     blocks: int = 0
+    compensate: bool = False  # width: refit down and o on the kept channels (least squares)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -222,7 +234,8 @@ class Structure:
     def describe(self) -> Dict[str, object]:
         if self.mode == "depth":
             return {"structure": "depth", "blocks_removed": self.blocks, "method": "influence"}
-        return {"structure": "width", "width_mlp": self.mlp, "width_heads": self.heads, "method": self.score}
+        return {"structure": "width", "width_mlp": self.mlp, "width_heads": self.heads, "method": self.score,
+                "compensate": self.compensate}
 
     def check(self, config) -> None:
         if self.mode == "width":
