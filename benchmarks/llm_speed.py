@@ -6,6 +6,19 @@ Each measurement runs in its own process, so its peak memory (RSS) is its own. M
 ``--repeats`` runs.
 
     python benchmarks/llm_speed.py --nsamples 32 --seqlen 1024 --repeats 3
+
+``--inference NAME=MODEL ...``: what a pruned model buys at inference instead, on this machine: prefill
+tokens/s (batch 1 x 512 and 8 x 512) and decode tokens/s (batch 1, 128 new tokens with the KV cache) of
+each model (an embedded name or a saved folder), all loaded at once and timed in turn (dense, then each
+pruned one, then again), medians of ``--repeats`` rounds, each as a ratio to the first:
+
+    python cli.py prune --config configs/llm/smollm2_wikipedia.yaml --pruning.structure width \
+        --pruning.width_mlp 0.2 --pruning.width_heads 0 --save_model true --output_dir /tmp/w20
+    python cli.py prune --config configs/llm/smollm2_wikipedia.yaml --pruning.structure depth \
+        --pruning.blocks_removed 3 --save_model true --output_dir /tmp/d3
+    python cli.py prune --config configs/llm/smollm2_wikipedia.yaml --save_model true --output_dir /tmp/u50
+    python benchmarks/llm_speed.py --inference dense=smollm2-135m width-mlp-20=/tmp/w20/model \
+        depth-3=/tmp/d3/model unstructured-50=/tmp/u50/model --repeats 5
 """
 from __future__ import annotations
 
@@ -44,6 +57,41 @@ def measure(part: str, args) -> dict:
     return {"seconds": seconds, **peak_memory()}
 
 
+def inference(models: dict, repeats: int, prefill: int = 512, new_tokens: int = 128) -> list:
+    """Rows of prefill and decode tokens/s per model, alternating models within each round."""
+    import torch
+
+    from common import Runner  # noqa: F401  (sets up sys.path and HF_HUB_OFFLINE)
+    from wanda_pl.modules.causal_lm import CausalLM
+
+    loaded = {name: CausalLM(path).model.eval() for name, path in models.items()}
+    ids = torch.randint(100, 10000, (8, prefill), generator=torch.Generator().manual_seed(0))
+    times = {name: {"prefill 1": [], "prefill 8": [], "decode": []} for name in loaded}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, model in loaded.items():
+                for batch in (1, 8):
+                    t0 = time.perf_counter()
+                    model(input_ids=ids[:batch], use_cache=False)
+                    times[name][f"prefill {batch}"].append(batch * prefill / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                out = model.generate(ids[:1, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     do_sample=False, use_cache=True)
+                times[name]["decode"].append((out.shape[1] - 16) / (time.perf_counter() - t0))
+    base = next(iter(times.values()))
+    rows = []
+    for name, t in times.items():
+        cells = []
+        for key in ("prefill 1", "prefill 8", "decode"):
+            m, b = statistics.median(t[key]), statistics.median(base[key])
+            cells.append(f"{m:.0f} ({m / b:.2f}x)")
+        params = sum(p.numel() for p in loaded[name].parameters())
+        zeros = sum(int((p == 0).sum()) for p in loaded[name].parameters())
+        rows.append(f"| {name} | {params / 1e6:.1f}M ({zeros / params:.1%} zeros) | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -53,7 +101,22 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--method", default="wanda")
     ap.add_argument("--part", help=argparse.SUPPRESS)
+    ap.add_argument("--inference", nargs="+", metavar="NAME=MODEL", help="time inference of these models instead")
     args = ap.parse_args()
+    if args.inference:
+        import torch
+
+        from common import write_table
+        from wanda_pl.commands.report import versions
+
+        models = dict(m.split("=", 1) for m in args.inference)
+        rows = inference(models, args.repeats)
+        write_table("llm_speed_inference", "| model | parameters | prefill tok/s, 1 x 512 | prefill tok/s, 8 x 512 | "
+                    "decode tok/s, 1 x 128 new |", rows,
+                    {"models": models, "repeats": args.repeats, "threads": torch.get_num_threads(),
+                     "order": "every model once per round, in the order given; medians over rounds",
+                     "versions": versions()})
+        return
     if args.part:
         print("RESULT " + json.dumps(measure(args.part, args)))
         return
