@@ -163,6 +163,12 @@ def test_influence_is_zero_for_an_unchanged_state_and_grows_with_the_turn():
     assert 0 < st.influence(x, x + 0.1 * torch.randn(3, 5, 8)) < st.influence(x, x + torch.randn(3, 5, 8))
 
 
+def test_bias_compensation_is_refused_where_the_config_cannot_state_the_bias():
+    with pytest.raises(ValueError, match="mistral's config cannot state an MLP bias"):
+        st.Structure("width", "wanda", 0.25, 0.0, compensate="bias").check(tiny_config("mistral"))
+    st.Structure("width", "wanda", 0.25, 0.0, compensate="bias").check(tiny_config("llama"))  # LLaMA: mlp_bias
+
+
 def test_a_family_of_another_layout_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="'gpt2'.*fused or Conv1D"):
         st.layout_of(tiny_config("gpt2"))
@@ -228,30 +234,52 @@ def test_every_width_score_runs_and_chooses_its_own_channels(tiny_dirs, text_fil
     assert AutoModelForCausalLM.from_pretrained(tmp_path / score / "model").config.num_attention_heads == 4
 
 
-def test_compensation_brings_each_block_closer_to_the_dense_one(tiny_dirs, text_file, tmp_path):
-    """The width run with compensation against the same run without (the default): the last hidden state
-    on calibration windows is closer to the dense model's."""
+@pytest.mark.parametrize("compensate", ["lsq", "bias"])
+def test_compensation_brings_the_model_closer_to_the_dense_one(tiny_dirs, text_file, tmp_path, compensate):
+    """The width run with a compensation against the same run without (the default): the last hidden state
+    on the calibration windows is closer to the dense model's; the saved folder (biases and the config's
+    bias flags included) reloads with stock code to the model the run measured."""
     import json
 
     outs = {}
-    for compensate in ("true", "false"):
-        out = tmp_path / compensate
+    for c in ("none", compensate):
+        out = tmp_path / c
         error, _ = _prune_cli(tiny_dirs, text_file, out, "--pruning.structure", "width", "--pruning.sparsity_ratio",
-                              "0.5", "--pruning.compensate", compensate)
+                              "0.5", "--pruning.compensate", c)
         assert error is None, error
-        outs[compensate] = (json.loads((out / "report.json").read_text()), AutoModelForCausalLM.from_pretrained(out / "model"))
-    ids = torch.load(tmp_path / "true" / "calibration_ids.pt")
+        outs[c] = (json.loads((out / "report.json").read_text()), AutoModelForCausalLM.from_pretrained(out / "model"))
+    ids = torch.load(tmp_path / "none" / "calibration_ids.pt")
     dense = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
     with torch.no_grad():
         want = dense(ids, output_hidden_states=True).hidden_states[-1]
         err = {c: float((m(ids, output_hidden_states=True).hidden_states[-1] - want).pow(2).mean())
                for c, (_, m) in outs.items()}
-    assert err["true"] < err["false"], err
-    assert outs["true"][0]["compensate"] is True and outs["false"][0]["compensate"] is False
+    assert err[compensate] < err["none"], err
+    report, model = outs[compensate]
+    assert report["compensate"] == compensate and outs["none"][0]["compensate"] == "none"
+    assert report["parameters"] == sum(p.numel() for p in model.parameters())
+    if compensate == "bias":
+        assert model.config.mlp_bias and model.config.attention_bias
+        assert model.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
+        assert float(model.model.layers[0].mlp.gate_proj.bias.abs().sum()) == 0.0
     # block 0 keeps the same channels either way (compensation changes the kept weights, not the choice;
     # later blocks see other inputs, so they may choose others)
     kept = {c: r["structure_result"]["kept"]["model.layers.0"] for c, (r, _) in outs.items()}
-    assert kept["true"] == kept["false"]
+    assert kept["none"] == kept[compensate]
+
+
+def test_the_bias_compensation_is_the_removed_channels_mean_contribution():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g) + torch.tensor([0.0, 3.0, 0.0, -2.0, 0.0, 1.0])
+    w = torch.randn(4, 6, generator=g)
+    keep, removed = torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5])
+    shift = st.mean_shift(w, x.mean(0), removed)
+    torch.testing.assert_close(shift.float(), (x[:, removed] @ w[:, removed].T).mean(0), rtol=1e-5, atol=1e-5)
+    lin = torch.nn.Linear(6, 4, bias=False)
+    lin.weight.data.copy_(w)
+    cut = st.with_bias(st.sliced(lin, cols=keep), shift)
+    # on average over these inputs the cut layer gives what the whole layer gave
+    torch.testing.assert_close(cut(x[:, keep]).mean(0), lin(x).mean(0), rtol=1e-4, atol=1e-4)
 
 
 def test_fit_refuses_to_reshape_the_model_it_trains(tiny_dirs):
@@ -288,7 +316,8 @@ BAD = [
     (["--pruning.structure", "width", "--pruning.update", "admm"], "pruning.update='admm'"),
     (["--pruning.structure", "width", "--pruning.method", "sparsegpt"], "magnitude, wanda, flap"),
     (["--pruning.structure", "sideways"], "pruning.structure must be one of none, width, depth"),
-    (["--pruning.compensate", "true"], "pruning.compensate refits what consumes removed channels"),
+    (["--pruning.compensate", "lsq"], "pruning.compensate lsq makes up for removed channels"),
+    (["--pruning.structure", "width", "--pruning.compensate", "mean"], "pruning.compensate must be one of none, bias, lsq"),
 ]
 
 

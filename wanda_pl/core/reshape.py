@@ -18,7 +18,7 @@ from .layers import weight_matrix
 from .onload import Placement
 from .sparsity import SparsitySpec
 from .structure import Structure, channel_scores, expand, group_scores, influence, keep_blocks, keep_kv_groups, \
-    keep_mlp_channels, keep_top, layout_of, refit_columns, smaller_config
+    keep_mlp_channels, keep_top, layout_of, mean_shift, refit_columns, smaller_config, with_bias
 
 
 def _stats_of(stats, prefix: str, names: Sequence[str]):
@@ -41,9 +41,11 @@ def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Di
         p_stats, c_stats = stats[f"{mlp_name}.{layout.producers[0]}"], stats[f"{mlp_name}.{layout.consumer}"]
         scores = channel_scores(structure.score, producers, consumer, p_stats.sq_sum, c_stats.sq_sum, _variance(c_stats))
         kept = keep_top(scores, keep["channels"])
-        refit = refit_columns(consumer, c_stats.xtx, kept) if structure.compensate else None
+        refit = refit_columns(consumer, c_stats.xtx, kept) if structure.compensate == "lsq" else None
         keep_mlp_channels(mlp, kept, layout)
         _set_weight(getattr(mlp, layout.consumer), refit)
+        if structure.compensate == "bias":
+            _biased(mlp, layout.producers, layout.consumer, mean_shift(consumer, _mean(c_stats), _without(kept, len(scores))))
         out["channels"] = kept.tolist()
     if structure.heads:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -60,11 +62,32 @@ def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Di
         scores = group_scores(per_q, head_dim * group) + group_scores(per_kv, head_dim)
         kept = keep_top(scores, keep["kv_groups"])
         columns = expand(expand(kept, group), head_dim)  # o's inputs: the kept query heads' channels
-        refit = refit_columns(o, o_stats.xtx, columns) if structure.compensate else None
+        refit = refit_columns(o, o_stats.xtx, columns) if structure.compensate == "lsq" else None
         keep_kv_groups(attention, kept, head_dim, group, layout)
         _set_weight(getattr(attention, layout.o), refit)
+        if structure.compensate == "bias":
+            _biased(attention, (layout.q, layout.k, layout.v), layout.o,
+                    mean_shift(o, _mean(o_stats), _without(columns, o.shape[1])))
         out["kv_groups"] = kept.tolist()
     return out
+
+
+def _mean(s) -> torch.Tensor:
+    return s.col_sum / max(s.tokens, 1)
+
+
+def _without(kept: torch.Tensor, n: int) -> torch.Tensor:
+    drop = torch.ones(n, dtype=torch.bool)
+    drop[kept] = False
+    return drop.nonzero().flatten()
+
+
+def _biased(part: nn.Module, producers, consumer: str, shift: torch.Tensor) -> None:
+    """Every projection of ``part`` with a bias (the config states one flag for them all), the
+    consumer's holding ``shift``."""
+    for name in producers:
+        setattr(part, name, with_bias(getattr(part, name)))
+    setattr(part, consumer, with_bias(getattr(part, consumer), shift))
 
 
 def _set_weight(linear: nn.Linear, weight) -> None:
@@ -82,7 +105,7 @@ def prune_width(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput
     for name, block in tqdm(blocks, desc=f"width ({structure.score})", disable=not progress):
         placement.enter(name, block)
         device = device_of(block, store_device)
-        with torch.no_grad(), collect_stats(targets_fn(name, block), structure.compensate) as stats:
+        with torch.no_grad(), collect_stats(targets_fn(name, block), structure.compensate == "lsq") as stats:
             for inp in inputs:
                 inp.call(block, device)
         sum_stats(stats)
@@ -97,8 +120,10 @@ def prune_width(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput
     if structure.heads:
         group = config.num_attention_heads // config.num_key_value_heads
         heads = keep["kv_groups"] * group
+    biases = [f for f, share in (("mlp_bias", structure.mlp), ("attention_bias", structure.heads))
+              if share and structure.compensate == "bias"]
     smaller_config(config, intermediate=keep["channels"] if structure.mlp else None, heads=heads,
-                   kv_heads=keep["kv_groups"] if structure.heads else None, layout=layout_of(config))
+                   kv_heads=keep["kv_groups"] if structure.heads else None, layout=layout_of(config), biases=biases)
     return {"kept": kept, "widths": keep}
 
 

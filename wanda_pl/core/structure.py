@@ -91,6 +91,26 @@ def refit_columns(weight: torch.Tensor, xtx: torch.Tensor, keep: torch.Tensor, d
     return torch.linalg.solve(hk, rhs.T).T.to(weight.dtype)  # H[k, k] is symmetric
 
 
+def with_bias(linear: nn.Linear, add: Optional[torch.Tensor] = None) -> nn.Linear:
+    """``linear`` with a bias (zeros where it had none) plus ``add``: a new module when one is needed."""
+    if linear.bias is None:
+        out = nn.Linear(linear.in_features, linear.out_features, bias=True, device=linear.weight.device,
+                        dtype=linear.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(linear.weight)
+            out.bias.zero_()
+        linear = out
+    if add is not None:
+        with torch.no_grad():
+            linear.bias.add_(add.to(linear.bias.device, linear.bias.dtype))
+    return linear
+
+
+def mean_shift(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """What the removed input channels added to the consumer's output on average (FLAP's bias)."""
+    return weight.double()[:, removed] @ mean.double()[removed]
+
+
 def group_scores(scores: torch.Tensor, size: int) -> torch.Tensor:
     """Scores of consecutive groups of ``size`` channels (a head's ``head_dim``)."""
     if scores.numel() % size:
@@ -167,7 +187,7 @@ def keep_blocks(layers: nn.ModuleList, keep: Sequence[int]) -> nn.ModuleList:
 
 def smaller_config(config, *, intermediate: Optional[int] = None, heads: Optional[int] = None,
                    kv_heads: Optional[int] = None, blocks: Optional[Sequence[int]] = None,
-                   layout: Layout = LLAMA) -> None:
+                   layout: Layout = LLAMA, biases: Sequence[str] = ()) -> None:
     """State the new widths and depth in ``config`` (in place) so stock ``from_pretrained`` builds the
     smaller model: one number per width, the head size written out (it was implied by the head count)."""
     if intermediate is not None:
@@ -175,6 +195,8 @@ def smaller_config(config, *, intermediate: Optional[int] = None, heads: Optiona
     if heads is not None:
         config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         config.num_attention_heads, config.num_key_value_heads = int(heads), int(kv_heads)
+    for field in biases:  # mlp_bias / attention_bias: every projection of that part now has one
+        setattr(config, field, True)
     if blocks is not None:
         for field in ("layer_types",):  # per-block lists some families keep
             values = getattr(config, field, None)
@@ -184,6 +206,9 @@ def smaller_config(config, *, intermediate: Optional[int] = None, heads: Optiona
 
 
 MODES = ("none", "width", "depth")
+# none; bias: the removed channels' mean contribution into the consumer's bias (FLAP); lsq: the consumer
+# refitted on the kept channels by least squares (SliceGPT-like)
+COMPENSATIONS = ("none", "bias", "lsq")
 
 
 @dataclass(frozen=True)
@@ -197,7 +222,7 @@ class Structure:
     mlp: float = 0.0
     heads: float = 0.0
     blocks: int = 0
-    compensate: bool = False  # width: refit down and o on the kept channels (least squares)
+    compensate: str = "none"  # width: what the consumers (down, o) get for the removed channels (COMPENSATIONS)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -211,6 +236,11 @@ class Structure:
                     raise ValueError(f"pruning.{name} must be in [0, 1), got {share!r}")
             if not self.mlp and not self.heads:
                 raise ValueError("pruning.structure width with width_mlp and width_heads both 0 removes nothing")
+        if self.compensate not in COMPENSATIONS:
+            raise ValueError(f"pruning.compensate must be one of {', '.join(COMPENSATIONS)}, got {self.compensate!r}")
+        if self.compensate != "none" and self.mode != "width":
+            raise ValueError(f"pruning.compensate {self.compensate} makes up for removed channels: it needs "
+                             f"pruning.structure width, got {self.mode!r}")
         if self.mode == "depth" and not (isinstance(self.blocks, int) and self.blocks >= 1):
             raise ValueError(f"pruning.structure depth needs pruning.blocks_removed >= 1, got {self.blocks!r}")
 
@@ -240,6 +270,11 @@ class Structure:
     def check(self, config) -> None:
         if self.mode == "width":
             self.widths(config)
+            for share, field, what in ((self.mlp, "mlp_bias", "MLP"), (self.heads, "attention_bias", "attention")):
+                if self.compensate == "bias" and share and not hasattr(config, field):
+                    raise ValueError(f"pruning.compensate bias puts the removed channels' mean into a bias, and "
+                                     f"{config.model_type}'s config cannot state an {what} bias ({field}): use lsq "
+                                     f"or none")
         elif self.mode == "depth" and self.blocks >= config.num_hidden_layers:
             raise ValueError(f"pruning.blocks_removed {self.blocks} must be below the model's "
                              f"{config.num_hidden_layers} blocks")

@@ -31,7 +31,7 @@ GENERAL = dict(method="wanda", sparsity_ratio=None, sparsity_type="unstructured"
                min_expert_tokens=None, rare_experts="magnitude", experts_ratio=0.0, reconstruct="none",
                reconstruct_steps=20, reconstruct_lr=1e-3, reconstruct_batch=4, reconstruct_target="pruned", preset=None,
                structure="none", width_mlp=None, width_heads=None, blocks_removed=0,
-               compensate=False)
+               compensate="none")
 
 
 def general_docs() -> Dict[str, str]:
@@ -71,8 +71,9 @@ def general_docs() -> Dict[str, str]:
         "width_heads": "structure width: the share of every block's KV groups removed, each with its query heads "
                        "(unset: sparsity_ratio).",
         "blocks_removed": "structure depth: how many blocks are removed.",
-        "compensate": "structure width: refit down_proj and o_proj on the kept channels by least squares on the "
-                      "calibration inputs (their X^T X), so they reproduce the full layer's output as well as they can.",
+        "compensate": "structure width: what down_proj / o_proj get for the removed channels: ``none``, ``bias`` "
+                      "(FLAP: their mean contribution into a bias; the config then states mlp_bias / attention_bias) "
+                      "or ``lsq`` (a least-squares refit on the kept channels from the calibration X^T X).",
         "preset": "a named combination of the settings above: "
                   + "; ".join(f"``{n}`` = " + ", ".join(f"{k} {v}" for k, v in p.items()) for n, p in PRESETS.items())
                   + " (a setting given beside it must agree with it).",
@@ -202,15 +203,12 @@ _WEIGHT_ONLY = dict(refine="none", update="none", allocation="uniform", reconstr
 
 def _structure(args: Mapping[str, Any], spec: SparsitySpec) -> Structure:
     mode = args["structure"]
-    if args["compensate"] and mode != "width":
-        raise ValueError(f"pruning.compensate refits what consumes removed channels: it needs pruning.structure width, "
-                         f"got {mode!r}")
     if mode in (None, "none"):
-        return Structure()
+        return Structure(compensate=args["compensate"])  # a compensation without a structure is refused there
     share = spec.ratio
     structure = Structure(mode, args["method"], share if args["width_mlp"] is None else args["width_mlp"],
                           share if args["width_heads"] is None else args["width_heads"], args["blocks_removed"],
-                          bool(args["compensate"]))
+                          args["compensate"])
     if spec.type != "unstructured":
         raise ValueError(f"pruning.structure {mode} removes whole channels or blocks; sparsity_type {spec.type} "
                          "zeroes weights in groups: use one of them")
