@@ -17,17 +17,12 @@ from .hooks import BlockInput, collect_stats
 from .layers import weight_matrix
 from .onload import Placement
 from .sparsity import SparsitySpec
-from .structure import Structure, channel_scores, expand, group_scores, influence, keep_blocks, keep_kv_groups, \
+from .structure import Structure, channel_scores, expand, group_scores, head_dim_of, influence, keep_blocks, keep_kv_groups, \
     keep_mlp_channels, keep_top, layout_of, mean_shift, refit_columns, smaller_config, with_bias
 
 
-def _stats_of(stats, prefix: str, names: Sequence[str]):
-    return [stats[f"{prefix}.{n}"] for n in names]
-
-
 def _variance(s) -> torch.Tensor:
-    mean = s.col_sum / max(s.tokens, 1)
-    return (s.sq_sum / max(s.tokens, 1) - mean * mean).clamp_min(0)
+    return (s.sq_sum / s.tokens - s.mean * s.mean).clamp_min(0)
 
 
 def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Dict[str, int], config) -> Dict[str, list]:
@@ -45,10 +40,10 @@ def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Di
         keep_mlp_channels(mlp, kept, layout)
         _set_weight(getattr(mlp, layout.consumer), refit)
         if structure.compensate == "bias":
-            _biased(mlp, layout.producers, layout.consumer, mean_shift(consumer, _mean(c_stats), _without(kept, len(scores))))
+            _biased(mlp, layout.producers, layout.consumer, mean_shift(consumer, c_stats.mean, _without(kept, len(scores))))
         out["channels"] = kept.tolist()
     if structure.heads:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = head_dim_of(config)
         group = config.num_attention_heads // config.num_key_value_heads
         q, k, v, o = (getattr(attention, p).weight.detach() for p in (layout.q, layout.k, layout.v, layout.o))
         h_stats, o_stats = stats[f"{attn_name}.{layout.q}"], stats[f"{attn_name}.{layout.o}"]
@@ -67,13 +62,9 @@ def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Di
         _set_weight(getattr(attention, layout.o), refit)
         if structure.compensate == "bias":
             _biased(attention, (layout.q, layout.k, layout.v), layout.o,
-                    mean_shift(o, _mean(o_stats), _without(columns, o.shape[1])))
+                    mean_shift(o, o_stats.mean, _without(columns, o.shape[1])))
         out["kv_groups"] = kept.tolist()
     return out
-
-
-def _mean(s) -> torch.Tensor:
-    return s.col_sum / max(s.tokens, 1)
 
 
 def _without(kept: torch.Tensor, n: int) -> torch.Tensor:
@@ -154,7 +145,6 @@ def prune_depth(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]], input
     setattr(owner, attr, keep_blocks(getattr(owner, attr), keep))
     smaller_config(model.config, blocks=keep)
     return {"removed": [blocks[i][0] for i in removed], "influence": {n: round(s, 6) for (n, _), s in zip(blocks, scores)}}
-
 
 
 def reshape_model(pl_module, blocks, inputs: List[BlockInput], structure: Structure, store_device="cpu",

@@ -49,6 +49,11 @@ LLAMA = Layout()
 LAYOUTS: Dict[str, Layout] = {t: LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")}
 
 
+def head_dim_of(config) -> int:
+    """The attention head size (stated, or implied by the head count)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def layout_of(config) -> Layout:
     model_type = getattr(config, "model_type", None)
     if model_type not in LAYOUTS:
@@ -193,7 +198,7 @@ def smaller_config(config, *, intermediate: Optional[int] = None, heads: Optiona
     if intermediate is not None:
         setattr(config, layout.width_field, int(intermediate))
     if heads is not None:
-        config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        config.head_dim = head_dim_of(config)
         config.num_attention_heads, config.num_key_value_heads = int(heads), int(kv_heads)
     for field in biases:  # mlp_bias / attention_bias: every projection of that part now has one
         setattr(config, field, True)
