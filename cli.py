@@ -134,7 +134,7 @@ class Command:
 
 
 def _grid() -> type:
-    from wanda_pl.commands.sweep import Grid
+    from wanda_pl.commands.sweep_grid import Grid
 
     return Grid
 

@@ -14,7 +14,7 @@ import time
 
 from common import Runner, settings_of, write_table
 
-from wanda_pl.commands.sweep import _steps
+from wanda_pl.commands.sweep_grid import _steps
 from wanda_pl.data.text_module import TextDataModule
 from wanda_pl.eval.zero_shot import PAPER_TASKS, run_zero_shot
 from wanda_pl.modules.causal_lm import CausalLM

@@ -326,3 +326,58 @@ def test_bad_structure_settings_fail_before_any_work(tiny_dirs, text_file, tmp_p
     error, _ = _prune_cli(tiny_dirs, text_file, tmp_path / "sub" / "out", *extra)
     assert error is not None and message in error, error
     assert count_validations == [] and not (tmp_path / "sub").exists()
+
+
+# --------------------------------------------------------------------------- through the sweep command
+def test_a_sweep_over_structures_starts_every_point_from_the_dense_model(tiny_dirs, text_file, tmp_path):
+    """Width and depth points first and a weight-sparsity point last: each must equal its own prune
+    run, so the last one saw the dense model again, not the cut one before it."""
+    import json
+
+    from conftest import run_cli
+    from test_sweep import args as sweep_args
+
+    out = tmp_path / "sweep"
+    error, _ = run_cli(sweep_args("sweep", tiny_dirs["llama"], text_file, out, "--sweep.structures", "[width,depth,none]",
+                                  "--sweep.methods", "[wanda,sparsegpt]", "--sweep.ratios", "[0.5]",
+                                  "--sweep.blocks", "[1]"))
+    assert error is None, error
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["point"] for r in rows] == ["wanda-width-0.5", "depth-1", "wanda-unstructured-0.5",
+                                          "sparsegpt-unstructured-0.5"]  # sparsegpt scores no channels
+    alone = {"wanda-width-0.5": ["--pruning.structure", "width", "--pruning.sparsity_ratio", "0.5"],
+             "depth-1": ["--pruning.structure", "depth", "--pruning.blocks_removed", "1"],
+             "wanda-unstructured-0.5": ["--pruning.sparsity_ratio", "0.5"]}
+    for row in rows[:3]:
+        error, _ = run_cli(sweep_args("prune", tiny_dirs["llama"], text_file, tmp_path / row["point"], *alone[row["point"]]))
+        assert error is None, error
+        report = json.loads((tmp_path / row["point"] / "report.json").read_text())
+        assert row["ppl"] == pytest.approx(report["metrics"]["ppl"]["pruned"], rel=1e-5), row["point"]
+        assert row.get("parameters") == report.get("parameters"), row["point"]
+    width, depth = rows[0], rows[1]
+    assert width["structure"] == "width" and 0 < width["parameters_removed"] < 0.5
+    assert depth["structure"] == "depth" and depth["blocks_removed"] == 1 and depth["parameters"] < depth["parameters_dense"]
+    assert "parameters_removed" in (out / "sweep.csv").read_text().splitlines()[0]
+
+
+def test_a_structured_sweep_leaves_the_module_dense(tiny_dirs, text_file, tmp_path):
+    import lightning as L
+
+    from test_sweep import NSAMPLES, SEQLEN, WINDOWS
+    from wanda_pl.callbacks import Calibration, Pruning
+    from wanda_pl.commands.sweep import Grid, sweep
+    from wanda_pl.data.text_module import TextDataModule
+    from wanda_pl.modules.causal_lm import CausalLM
+
+    module = CausalLM(str(tiny_dirs["llama"]))
+    dm = TextDataModule(str(text_file), str(text_file), NSAMPLES, SEQLEN, 0, WINDOWS)
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Calibration(), Pruning()])
+    summary = sweep(trainer, module, dm, Grid(["wanda"], [0.5], structures=["width"]), str(tmp_path / "sweep"))
+    assert summary["rows"][0]["parameters_removed"] > 0
+    assert module.model.config.intermediate_size == 128 and len(module.model.model.layers) == 2
+    after = module.model.state_dict()
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name

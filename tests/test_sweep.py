@@ -257,6 +257,12 @@ def test_sweep_killed_outright_resumes(tiny_dirs, text_file, tmp_path):
     (("--sweep.methods", "[wanda,nonsense]"), "sweep point nonsense-unstructured-0.5"),
     (("--sweep.methods", "[wanda+admm,sparsegpt+admm]"), "sweep point sparsegpt+admm-unstructured-0.5"),
     (("--sweep.methods", "[magnitude,wanda]", "--pruning.bias_correction", "true"), "sweep point magnitude-unstructured-0.5"),
+    (("--sweep.structures", "[none,sideways]"), "sweep.structures: 'sideways' is none of none, width, depth"),
+    (("--sweep.structures", "[width]", "--sweep.methods", "[sparsegpt]"), "none of the methods ['sparsegpt'] scores"),
+    (("--sweep.structures", "[depth]"), "sweep.structures has depth: give sweep.blocks"),
+    (("--sweep.structures", "[depth]", "--sweep.blocks", "[1,2]"), "sweep point depth-2"),
+    (("--sweep.structures", "[width]", "--sweep.ratios", "[0.2,0.4]", "--pruning.width_mlp", "0.1",
+      "--pruning.width_heads", "0"), "leaves the ratios nothing"),
 ])
 def test_bad_grid_refused_before_any_point(tiny_dirs, text_file, tmp_path, validations, extra, expected):
     out = tmp_path / "sweep"

@@ -73,8 +73,13 @@ def metric_png(path, rows: Sequence[Mapping], metric: str, label: str, dense: Op
     for i, series in enumerate(_series(rows)):
         colour = colours[i % len(colours)]
         line = [r for r in rows if _key(r) == series and r.get(metric) is not None]
+        shaped = sorted((r for r in line if r.get("structure")), key=lambda r: r["parameters_removed"])
+        line = [r for r in line if not r.get("structure")]
         flat = sorted((r for r in line if ":" not in str(r["sparsity_type"])), key=lambda r: r["actual_sparsity"])
         nm = [r for r in line if ":" in str(r["sparsity_type"])]
+        if shaped:  # a smaller model: placed by the share of its parameters removed
+            ax.plot([100 * r["parameters_removed"] for r in shaped], [r[metric] for r in shaped], "s-",
+                    color=colour, label=series)
         if flat:
             ax.plot([100 * r["actual_sparsity"] for r in flat], [r[metric] for r in flat], "o-", color=colour,
                     label=series)
@@ -93,7 +98,8 @@ def metric_png(path, rows: Sequence[Mapping], metric: str, label: str, dense: Op
         low, high = ax.get_ylim()
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
-    ax.set_xlabel("actual sparsity (%) — stars: N:M")
+    ax.set_xlabel("actual sparsity (%) — stars: N:M" +
+                  ("; squares: parameters removed (width, depth)" if any(r.get("structure") for r in rows) else ""))
     ax.set_ylabel(label)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -104,6 +110,8 @@ def metric_png(path, rows: Sequence[Mapping], metric: str, label: str, dense: Op
 
 
 def _key(row: Mapping) -> str:
+    if row.get("structure"):
+        return f"{row['method']} ({row['structure']})"
     alloc = row.get("allocation", "uniform")
     return row["method"] if alloc in (None, "uniform") else f"{row['method']} ({alloc})"
 

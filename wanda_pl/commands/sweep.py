@@ -17,121 +17,29 @@ import hashlib
 import json
 import logging
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 from tqdm.auto import tqdm
 
 from ..callbacks import Pruning, ZeroShot
 from ..callbacks.lookup import find_callback
-from ..core.sparsity import SparsitySpec
-from ..methods import STEP_KINDS, step_names
-from ..methods.settings import PruningSettings
 from ..modules.protocol import require
 from .steps import Evaluation, evaluate, lightning_writes
 from ..assets.fingerprint import changed_files, model_files
 from .lock import output_lock
 from ..errors import UserError
+from ..methods.settings import PruningSettings
 from .outputs import (MARKER, check_output_dir, claim, foreign_entries, owned_entries, remove_leftovers,
                       run_inputs)
 from .prune import prune
 from .report import write_json
 from .sweep_files import row_of, write_summary
+from .sweep_grid import Grid, Point, points  # noqa: F401  (Grid: the CLI's and callers' type)
 
 log = logging.getLogger(__name__)
 DENSE = "dense.json"
-
-
-@dataclass
-class Grid:
-    """The points of a sweep.
-
-    Args:
-        methods: pruning methods (unset: ``--pruning.method``); ``METHOD+UPDATE`` adds a weight update
-            to a mask-only method (``wanda+admm``), ``+dsnot`` a refinement (``wanda+dsnot+admm``);
-            else ``--pruning.refine`` / ``--pruning.update`` apply.
-        ratios: sparsity ratios of the unstructured points, each in [0, 1) (unset:
-            ``--pruning.sparsity_ratio``). N:M points take N/M.
-        types: sparsity types: ``unstructured`` and/or N:M patterns (``2:4``, ``4:8``).
-        allocations: allocations of the unstructured points: ``uniform``, ``owl``, ``profile``
-            (unset: ``--pruning.allocation``); N:M points are uniform.
-    """
-
-    methods: Optional[List[str]] = None
-    ratios: Optional[List[float]] = None
-    # int: YAML 1.1 reads an unquoted 2:4 as the base-60 number 124 (2 * 60 + 4); see _sparsity_type.
-    types: Optional[List[Union[str, int]]] = None
-    allocations: Optional[List[str]] = None
-
-    def __post_init__(self) -> None:
-        if self.types is not None:  # as the user meant them, in the points and in sweep.json's grid
-            self.types = [_sparsity_type(t) for t in self.types]
-
-
-@dataclass(frozen=True)
-class Point:
-    method: str
-    sparsity_type: str
-    sparsity_ratio: Optional[float]  # None: N/M
-    allocation: str = "uniform"
-
-    @property
-    def name(self) -> str:
-        """The point's subfolder: ``wanda-unstructured-0.5``, ``wanda-owl-unstructured-0.7``, ``sparsegpt-2of4``."""
-        alloc = "" if self.allocation == "uniform" else f"-{self.allocation}"
-        what = self.sparsity_type.replace(":", "of") if self.sparsity_ratio is None else \
-            f"{self.sparsity_type}-{self.sparsity_ratio:g}"
-        return f"{self.method}{alloc}-{what}"
-
-
-def _sparsity_type(value: Union[str, int]) -> str:
-    if isinstance(value, int) and not isinstance(value, bool):  # base-60 back to N:M (M < 60 is all YAML reads so)
-        return f"{value // 60}:{value % 60}"
-    return str(value)
-
-
-def _steps(name: str) -> Dict[str, str]:
-    """``wanda+dsnot+admm`` -> method, refine and update (each step named at most once)."""
-    method, *steps = name.split("+")
-    out = {"method": method}
-    for step in steps:
-        key = next((kind for kind in STEP_KINDS if step in step_names(kind)[1:]), None)
-        if key is None or key in out:
-            raise ValueError(f"{name!r}: after '+' come at most one refinement {step_names('refine')[1:]} and one "
-                             f"weight update {step_names('update')[1:]}, got {step!r}")
-        out[key] = step
-    return out
-
-
-def points(grid: Grid, base: PruningSettings) -> List[Tuple[Point, PruningSettings]]:
-    """Every point of ``grid`` with its settings (``base`` otherwise); a grid that is empty or a
-    point the settings refuse fails here, naming the point, before any work."""
-    args = base.args
-    methods = grid.methods if grid.methods is not None else [args["method"]]
-    ratios = grid.ratios if grid.ratios is not None else [base.spec.ratio]
-    types = grid.types if grid.types is not None else [base.spec.type]
-    allocations = grid.allocations if grid.allocations is not None else [args["allocation"]]
-    for key, values in (("methods", methods), ("types", types), ("allocations", allocations)):
-        if not values:
-            raise ValueError(f"sweep.{key} is empty: the sweep has no points; give at least one")
-    if not ratios and "unstructured" in types:
-        raise ValueError("sweep.ratios is empty but sweep.types has unstructured: give at least one ratio")
-    grid_points: List[Point] = []
-    for stype in dict.fromkeys(types):
-        spec = SparsitySpec.parse(stype, None) if stype != "unstructured" else None
-        for ratio in ([None] if spec is not None and spec.structured else dict.fromkeys(ratios)):
-            for alloc in (["uniform"] if ratio is None else dict.fromkeys(allocations)):
-                grid_points += [Point(m, stype, None if ratio is None else float(ratio), alloc)
-                                for m in dict.fromkeys(methods)]
-    out = []
-    for point in grid_points:
-        try:
-            out.append((point, base.replace(**_steps(point.method), sparsity_type=point.sparsity_type,
-                                            sparsity_ratio=point.sparsity_ratio, allocation=point.allocation)))
-        except (ValueError, TypeError, KeyError) as err:
-            raise ValueError(f"sweep point {point.name}: {err}") from None
-    return out
 
 
 def _fingerprint(point: Point, settings: PruningSettings, model, datamodule, config: Optional[Dict[str, Any]],
@@ -141,7 +49,9 @@ def _fingerprint(point: Point, settings: PruningSettings, model, datamodule, con
     decided = {k: v for k, v in (config or {}).items() if k not in ("output_dir", "sweep", "save_model", "trainer",
                                                                     "pruning")}
     decided["precision"] = ((config or {}).get("trainer") or {}).get("precision")
-    blob = json.dumps({"point": asdict(point), "pruning": settings.describe(), "model": model.describe(),
+    shape = {"structure": "none", "widths": None, "blocks": 0}  # left out unset: earlier sweeps' points stay theirs
+    point_fields = {k: v for k, v in asdict(point).items() if k not in shape or v != shape[k]}
+    blob = json.dumps({"point": point_fields, "pruning": settings.describe(), "model": model.describe(),
                        "data": datamodule.describe(), "config": decided, "model_files": files}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -236,7 +146,7 @@ def _points(trainer, model, datamodule, zero_shot, base, grid, todo, identity, d
     prints, files = identity
     with base.untouched():
         dense = _dense(trainer, model, datamodule, zero_shot, out, needed=len(done) < len(todo))
-    dense_state = copy.deepcopy(model.model.state_dict()) if len(done) < len(todo) else None
+    start = _Start(model) if len(done) < len(todo) else None
     rows: List[Dict[str, Any]] = []
     bar = tqdm(total=len(todo), desc="sweep", unit="point", position=0, disable=not trainer.is_global_zero)
     try:
@@ -244,8 +154,7 @@ def _points(trainer, model, datamodule, zero_shot, base, grid, todo, identity, d
             bar.set_postfix_str(point.name)
             report = done.get(point.name)
             if report is None:
-                model.model.load_state_dict(dense_state)  # each point starts from the dense weights
-                model.set_masks({})
+                start.restore(reshaped=settings.structure.enabled)
                 point_config = None if config is None else {
                     **config, "output_dir": str(out / point.name),
                     "pruning": {**base.init_args, **settings.args, "enabled": False}}
@@ -263,11 +172,28 @@ def _points(trainer, model, datamodule, zero_shot, base, grid, todo, identity, d
                 claim(out, summary["files"], "sweep")
             bar.update()
     finally:
-        if dense_state is not None:  # the caller's module as it came: a second sweep on it starts dense again
-            model.model.load_state_dict(dense_state)
-            model.set_masks({})
+        if start is not None:  # the caller's module as it came: a second sweep on it starts dense again
+            start.restore()
         bar.close()
     return rows
+
+
+class _Start:
+    """The dense model every point starts from. A weight-sparsity point gets the dense weights back
+    in place; after a structured point (its blocks cut, its config changed) the module gets a fresh
+    copy of the dense network instead, since the cut one can take neither the shapes nor the config."""
+
+    def __init__(self, model) -> None:
+        self.model, self.dense, self.cut = model, copy.deepcopy(model.model), False
+
+    def restore(self, reshaped: bool = False) -> None:
+        """Put the dense model back; ``reshaped``: the next point will cut it."""
+        if self.cut:
+            self.model.use_network(copy.deepcopy(self.dense))
+        else:
+            self.model.model.load_state_dict(self.dense.state_dict())
+        self.model.set_masks({})
+        self.cut = reshaped
 
 
 def _dense(trainer, model, datamodule, zero_shot, out: Path, needed: bool) -> Optional[Evaluation]:

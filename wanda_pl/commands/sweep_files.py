@@ -26,8 +26,19 @@ def row_of(point, report: Mapping[str, Any], resumed: bool = False) -> Dict[str,
         "sparsity_type": report["sparsity_type"], "sparsity_ratio": report["sparsity_ratio"],
         "actual_sparsity": report["actual_sparsity"], **{k: report.get(k) for k in COVERAGE}, **headline(report),
         **{f"time_{k}_s": v for k, v in times.items()},
+        **_shape(report),
         "resumed": resumed,
     }
+
+
+def _shape(report: Mapping[str, Any]) -> Dict[str, Any]:
+    """A structured point's columns: what it removed and the parameters before and after."""
+    if report.get("structure") not in ("width", "depth"):
+        return {}
+    before, after = report["parameters_dense"], report["parameters"]
+    return {"structure": report["structure"], "width_mlp": report.get("width_mlp"),
+            "width_heads": report.get("width_heads"), "blocks_removed": report.get("blocks_removed"),
+            "parameters": after, "parameters_dense": before, "parameters_removed": 1 - after / before}
 
 
 def to_csv(rows: List[Mapping[str, Any]]) -> str:

@@ -6,6 +6,7 @@ It implements :class:`wanda_pl.modules.protocol.PrunableModule`; what is Hugging
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import lightning as L
@@ -90,10 +91,7 @@ class CausalLM(L.LightningModule):
             model, self.tokenizer, self.path = self.disk.model, self.disk.tokenizer, self.disk.path
         else:
             model, self.tokenizer, self.path = load_causal_lm(name_or_path, dtype, trust_remote_code, device_map)
-        if offload != "none" or device_map is not None:
-            self.__dict__["_held"] = model  # not a submodule: Lightning must not move it to one device
-        else:
-            self.model = model
+        self.use_network(model)
         self._eval_ids: List[torch.Tensor] = []
         self.max_length = getattr(self.model.config, "max_position_embeddings", None)
         self._ppl = PerplexitySums()
@@ -105,6 +103,13 @@ class CausalLM(L.LightningModule):
     @property
     def model(self) -> nn.Module:
         return self._modules["model"] if "model" in self._modules else self.__dict__["_held"]
+
+    def use_network(self, network: nn.Module) -> None:
+        """Wrap ``network`` (at load; a sweep's fresh dense copy after a point that cut the model)."""
+        if self.hparams.offload != "none" or self.hparams.device_map is not None:
+            self.__dict__["_held"] = network  # not a submodule: Lightning must not move it to one device
+        else:
+            self.model = network
 
     # --- where the weights are: offload, device maps ---
     @property
@@ -178,15 +183,12 @@ class CausalLM(L.LightningModule):
         else:
             self._ppl.update(self(ids), ids)
 
-    def _offloaded_perplexity(self) -> None:
-        batches, self._eval_ids = self._eval_ids, []
-        for ids, logits in blockwise_logits(self.model, batches, self.placement(), self.device,
-                                            self.trainer.is_global_zero):
-            self._ppl.update(logits, ids.to(self.device))
-
     def on_validation_epoch_end(self) -> None:
         if self.offloaded:
-            self._offloaded_perplexity()
+            batches, self._eval_ids = self._eval_ids, []
+            for ids, logits in blockwise_logits(self.model, batches, self.placement(), self.device,
+                                                self.trainer.is_global_zero):
+                self._ppl.update(logits, ids.to(self.device))
         ppl = self._ppl.compute()
         if ppl is None:
             return
@@ -217,8 +219,6 @@ class CausalLM(L.LightningModule):
         """LoRA: attach the masked adapters and freeze the rest. Full: train what ``trainable`` selects."""
         if self._finetune_ready:
             return
-        import re
-
         from ..training import lora
 
         hp = self.hparams
@@ -281,8 +281,8 @@ class CausalLM(L.LightningModule):
 
         return len(lora.merge(self.model))
 
-    def measured_on(self, metrics: Dict[str, float]) -> Dict[str, Any]:
-        return {}  # the windows are the data section's
+    def measured_on(self, metrics: Dict[str, float]) -> Dict[str, Any]:  # the windows are the data section's
+        return {}
 
     def metrics_line(self, dense: Optional[Dict[str, float]], pruned: Dict[str, float]) -> str:
         return compare_line(self.measures, dense, pruned)
