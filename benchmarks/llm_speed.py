@@ -68,16 +68,18 @@ def inference(models: dict, repeats: int, prefill: int = 512, new_tokens: int = 
     ids = torch.randint(100, 10000, (8, prefill), generator=torch.Generator().manual_seed(0))
     times = {name: {"prefill 1": [], "prefill 8": [], "decode": []} for name in loaded}
     with torch.no_grad():
-        for _ in range(repeats):
+        for round_ in range(repeats + 1):  # round 0 warms up (allocator, kernels' first calls) and is dropped
             for name, model in loaded.items():
                 for batch in (1, 8):
                     t0 = time.perf_counter()
                     model(input_ids=ids[:batch], use_cache=False)
-                    times[name][f"prefill {batch}"].append(batch * prefill / (time.perf_counter() - t0))
+                    if round_:
+                        times[name][f"prefill {batch}"].append(batch * prefill / (time.perf_counter() - t0))
                 t0 = time.perf_counter()
                 out = model.generate(ids[:1, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                      do_sample=False, use_cache=True)
-                times[name]["decode"].append((out.shape[1] - 16) / (time.perf_counter() - t0))
+                if round_:
+                    times[name]["decode"].append((out.shape[1] - 16) / (time.perf_counter() - t0))
     base = next(iter(times.values()))
     rows = []
     for name, t in times.items():
@@ -114,7 +116,7 @@ def main() -> None:
         write_table("llm_speed_inference", "| model | parameters | prefill tok/s, 1 x 512 | prefill tok/s, 8 x 512 | "
                     "decode tok/s, 1 x 128 new |", rows,
                     {"models": models, "repeats": args.repeats, "threads": torch.get_num_threads(),
-                     "order": "every model once per round, in the order given; medians over rounds",
+                     "order": "every model once per round, in the order given; one warm-up round dropped; medians over rounds",
                      "versions": versions()})
         return
     if args.part:
