@@ -114,13 +114,13 @@ class Pruning(Callback):
         t0 = time.perf_counter()
         blocks, inputs, store, shares = calib.block_inputs(trainer, pl_module, settings.needs_activations)
         t1 = time.perf_counter()
+        ckpt = run.checkpoints or NoCheckpoints()
         if settings.structure.enabled:
             result = reshape_model(pl_module, blocks, inputs, settings.structure, store, placement,
-                                   trainer.is_global_zero)
+                                   trainer.is_global_zero, ckpt)
             return self._done(run, result, shares, t0, t1)
         removed = prune_experts(blocks, inputs, settings.experts_ratio, pl_module.model.config, store, placement,
                                 trainer.is_global_zero) if settings.experts_ratio else {}
-        ckpt = run.checkpoints or NoCheckpoints()
         plan = ckpt.plan(lambda: settings.plan(blocks, inputs, pl_module.block_targets, store, trainer.is_global_zero,
                                                placement))
         t_plan = time.perf_counter() - t1  # OWL's dense statistics pass: calibration forwards too

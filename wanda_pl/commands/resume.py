@@ -147,13 +147,20 @@ class BlockCheckpoints:
                 done.append(-1)
         return min(done) + 1
 
-    def restore(self, blocks: List[Tuple[str, nn.Module]], inputs: List[BlockInput]) -> Tuple[int, PruneResult]:
+    def restore(self, blocks: List[Tuple[str, nn.Module]], inputs: List[BlockInput],
+                recut=None) -> Tuple[int, PruneResult]:
         done = PruneResult()
         start = self._done() if self.resume else 0
         if start == 0:
+            if self.rank == 0:  # before any collective: other ranks write into it after the first block
+                self._create()
             return 0, done
         for k in range(start):
             name, block = blocks[k]
+            saved = torch.load(self.folder / f"masks-{k:05d}.pt", weights_only=False)
+            if saved.get("structure") is not None:  # a structured pass's block: its shapes first
+                recut(name, block, saved["structure"])
+                done.structure.setdefault("blocks", {})[name] = saved["structure"]
             if self.save_weights:
                 from safetensors.torch import load_file
 
@@ -163,7 +170,6 @@ class BlockCheckpoints:
                         t.copy_(state[key])
             else:
                 self.reuse_written(name)
-            saved = torch.load(self.folder / f"masks-{k:05d}.pt", weights_only=False)
             if self.keep_masks:
                 done.masks.update(saved["masks"])
             done.plan.update(saved["plan"])
@@ -202,7 +208,8 @@ class BlockCheckpoints:
                      "tokens": {n: result.tokens[n] for n in names if n in result.tokens},
                      "rare": {n: result.rare[n] for n in names if n in result.rare},
                      "reconstruction": {n: v for n, v in result.reconstruction.items() if n == name or
-                                        n.startswith(name + ".")}}
+                                        n.startswith(name + ".")},
+                     "structure": (result.structure or {}).get("blocks", {}).get(name)}
             _atomic(self.folder / f"masks-{index:05d}.pt", lambda p: torch.save(masks, p))
         hidden = [inp.hidden for inp in inputs]
         _atomic(self.folder / f"inputs-{index:05d}.rank{self.rank}.pt", lambda p: torch.save(hidden, p))

@@ -77,8 +77,9 @@ class NoCheckpoints:
     def plan(self, compute: Callable[[], Plan]) -> Plan:
         return compute()
 
-    def restore(self, blocks, inputs: List[BlockInput]) -> Tuple[int, PruneResult]:
-        """(the first block still to prune, the masks and plan of those before it)."""
+    def restore(self, blocks, inputs: List[BlockInput], recut=None) -> Tuple[int, PruneResult]:
+        """(the first block still to prune, the masks and plan of those before it); ``recut(name,
+        block, record)`` gives a structured pass's block its checkpointed shapes before its weights."""
         return 0, PruneResult()
 
     def save(self, index: int, name: str, block: nn.Module, inputs: List[BlockInput], result: PruneResult) -> None:

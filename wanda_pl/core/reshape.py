@@ -12,7 +12,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .distributed import check_same, sum_stats, summed
-from .engine import PruneResult, device_of
+from .engine import NoCheckpoints, PruneResult, device_of
 from .hooks import BlockInput, collect_stats
 from .layers import weight_matrix
 from .onload import Placement
@@ -67,6 +67,28 @@ def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Di
     return out
 
 
+def recut_block(block: nn.Module, record: Dict[str, list], structure: Structure, config) -> None:
+    """A block cut as an interrupted run cut it (``record``: its kept indices), to take back the
+    weights that run checkpointed: the shapes and, with ``compensate bias``, the biases."""
+    layout = layout_of(config)
+    if "channels" in record:
+        mlp = block.get_submodule(layout.mlp)
+        keep_mlp_channels(mlp, torch.tensor(record["channels"]), layout)
+        if structure.compensate == "bias":
+            _biased(mlp, layout.producers, layout.consumer, torch.zeros(getattr(mlp, layout.consumer).out_features))
+    if "kv_groups" in record:
+        attention = block.get_submodule(layout.attention)
+        group = config.num_attention_heads // config.num_key_value_heads
+        keep_kv_groups(attention, torch.tensor(record["kv_groups"]), head_dim_of(config), group, layout)
+        if structure.compensate == "bias":
+            _biased(attention, (layout.q, layout.k, layout.v), layout.o,
+                    torch.zeros(getattr(attention, layout.o).out_features))
+
+
+def _checkpoint(ckpt, index: int, name: str, block: nn.Module, inputs, record: Dict[str, Any]) -> None:
+    ckpt.save(index, name, block, inputs, PruneResult(structure={"blocks": {name: record}}))
+
+
 def _without(kept: torch.Tensor, n: int) -> torch.Tensor:
     drop = torch.ones(n, dtype=torch.bool)
     drop[kept] = False
@@ -88,12 +110,16 @@ def _set_weight(linear: nn.Linear, weight) -> None:
 
 
 def prune_width(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput], targets_fn, structure: Structure,
-                config, store_device="cpu", placement=None, progress: bool = True) -> Dict[str, Any]:
+                config, store_device="cpu", placement=None, progress: bool = True, ckpt=None) -> Dict[str, Any]:
     """Cut every block to the same widths (the config states one number each); ``inputs`` end as
-    the last block's outputs. Returns the kept indices per block and the widths."""
-    keep, placement = structure.widths(config), placement or Placement()
-    kept: Dict[str, Dict[str, list]] = {}
-    for name, block in tqdm(blocks, desc=f"width ({structure.score})", disable=not progress):
+    the last block's outputs. Returns the kept indices per block and the widths. ``ckpt``: each
+    block checkpointed as it is cut; a resumed run takes back the blocks cut before."""
+    keep, placement, ckpt = structure.widths(config), placement or Placement(), ckpt or NoCheckpoints()
+    start, done = ckpt.restore(blocks, inputs, lambda name, block, record: recut_block(block, record, structure, config))
+    kept: Dict[str, Dict[str, list]] = dict((done.structure or {}).get("blocks", {}))
+    for index, (name, block) in enumerate(tqdm(blocks, desc=f"width ({structure.score})", disable=not progress)):
+        if index < start:
+            continue
         placement.enter(name, block)
         device = device_of(block, store_device)
         with torch.no_grad(), collect_stats(targets_fn(name, block), structure.compensate == "lsq") as stats:
@@ -107,6 +133,7 @@ def prune_width(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput
         placement.leave(name, block, pruned=True)
         for inp, out in zip(inputs, outs):
             inp.hidden = out
+        _checkpoint(ckpt, index, name, block, inputs, kept[name])
     heads = None
     if structure.heads:
         group = config.num_attention_heads // config.num_key_value_heads
@@ -115,16 +142,23 @@ def prune_width(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput
               if share and structure.compensate == "bias"]
     smaller_config(config, intermediate=keep["channels"] if structure.mlp else None, heads=heads,
                    kv_heads=keep["kv_groups"] if structure.heads else None, layout=layout_of(config), biases=biases)
-    return {"kept": kept, "widths": keep}
+    return {"kept": kept, "widths": keep, "start": start}
 
 
 def prune_depth(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput],
-                structure: Structure, store_device="cpu", placement=None, progress: bool = True) -> Dict[str, Any]:
+                structure: Structure, store_device="cpu", placement=None, progress: bool = True,
+                ckpt=None) -> Dict[str, Any]:
     """Remove the ``structure.blocks`` blocks that turn the hidden state least (on the dense model's
-    own activations); the model's block list and config say so. Returns every block's influence."""
+    own activations); the model's block list and config say so. Returns every block's influence.
+    ``ckpt``: each block's influence checkpointed; a resumed run takes back those measured before."""
     placement, current = placement or Placement(), [dataclasses.replace(inp) for inp in inputs]
-    scores = []
-    for name, block in tqdm(blocks, desc="depth: influence", disable=not progress):
+    ckpt = ckpt or NoCheckpoints()
+    start, done = ckpt.restore(blocks, current, lambda name, block, record: None)  # blocks stay whole until the end
+    measured = (done.structure or {}).get("blocks", {})
+    scores = [measured[name]["influence"] for name, _ in blocks[:start]]
+    for index, (name, block) in enumerate(tqdm(blocks, desc="depth: influence", disable=not progress)):
+        if index < start:
+            continue
         placement.enter(name, block)
         device = device_of(block, store_device)
         with torch.no_grad():
@@ -136,6 +170,7 @@ def prune_depth(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]], input
         scores.append(float(total[0] / total[1]))
         for inp, out in zip(current, outs):
             inp.hidden = out
+        _checkpoint(ckpt, index, name, block, current, {"influence": scores[-1]})
     order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
     removed = sorted(order[: structure.blocks])
     keep = [i for i in range(len(blocks)) if i not in removed]
@@ -144,21 +179,23 @@ def prune_depth(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]], input
     owner = model.get_submodule(owner_name) if owner_name else model
     setattr(owner, attr, keep_blocks(getattr(owner, attr), keep))
     smaller_config(model.config, blocks=keep)
-    return {"removed": [blocks[i][0] for i in removed], "influence": {n: round(s, 6) for (n, _), s in zip(blocks, scores)}}
+    return {"removed": [blocks[i][0] for i in removed], "influence": {n: round(s, 6) for (n, _), s in zip(blocks, scores)},
+            "start": start}
 
 
 def reshape_model(pl_module, blocks, inputs: List[BlockInput], structure: Structure, store_device="cpu",
-                  placement=None, progress: bool = True) -> PruneResult:
+                  placement=None, progress: bool = True, ckpt=None) -> PruneResult:
     """``--pruning.structure``: the model made smaller in place; the result holds what was kept or
     removed and the parameter counts before and after, and no weight is zeroed (masks all False)."""
     model, t0 = pl_module.model, time.perf_counter()
     before = sum(p.numel() for p in model.parameters())
     if structure.mode == "width":
         info = prune_width(blocks, inputs, pl_module.block_targets, structure, model.config, store_device, placement,
-                           progress)
+                           progress, ckpt)
     else:
-        info = prune_depth(model, blocks, inputs, structure, store_device, placement, progress)
-    result = PruneResult(forward_s=time.perf_counter() - t0)  # scoring is a small part of these passes
+        info = prune_depth(model, blocks, inputs, structure, store_device, placement, progress, ckpt)
+    start = info.pop("start")
+    result = PruneResult(forward_s=time.perf_counter() - t0, resumed_from=start)  # scoring: a small part of these
     for name, module in pl_module.all_targets().items():
         result.masks[name] = torch.zeros(weight_matrix(module).shape, dtype=torch.bool)
         result.plan[name] = SparsitySpec(0.0)
