@@ -137,3 +137,31 @@ def test_non_zero_rank_writes_nothing(tiny_dirs, text_file, tmp_path, monkeypatc
     finally:
         torch.set_num_threads(old)
     assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    ("--pruning.structure", "width", "--pruning.compensate", "bias"),
+    ("--pruning.structure", "depth", "--pruning.blocks_removed", "1"),
+], ids=["width", "depth"])
+def test_data_parallel_structure_matches_one_process(tiny_dirs, text_file, tmp_path, extra):
+    """A smaller model chosen from the ranks' summed statistics (width) or summed influence (depth):
+    the same channels, heads or blocks as one process over all the samples, the same saved shapes."""
+    from transformers import AutoConfig
+
+    one = run(tiny_dirs["llama"], text_file, tmp_path / "one", *extra)
+    two = run(tiny_dirs["llama"], text_file, tmp_path / "two", *extra, "--trainer.strategy", "ddp",
+              "--trainer.devices", "2")
+    assert two["devices"] == 2 and two["calibration_samples_per_rank"] == [3, 2]
+    if extra[1] == "width":
+        assert one["structure_result"]["kept"] == two["structure_result"]["kept"]
+    else:
+        assert one["structure_result"]["removed"] == two["structure_result"]["removed"]
+        for name, value in one["structure_result"]["influence"].items():
+            assert two["structure_result"]["influence"][name] == pytest.approx(value, rel=1e-4), name
+    assert one["parameters"] == two["parameters"] < one["parameters_dense"]
+    assert one["metrics"]["ppl"]["pruned"] == pytest.approx(two["metrics"]["ppl"]["pruned"], rel=1e-3)
+    configs = [AutoConfig.from_pretrained(tmp_path / run_ / "model").to_dict() for run_ in ("one", "two")]
+    for config in configs:
+        config.pop("_name_or_path")
+    assert configs[0] == configs[1]
