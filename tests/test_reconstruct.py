@@ -211,3 +211,41 @@ def test_a_dense_target_refuses_to_resume_midway(tiny_dirs):
     result = prune_sequential(blocks, inputs, module.block_targets, get_method("wanda"), SparsitySpec(0.5),
                               progress=False, reconstruct=rec)  # from the start: fine
     assert set(result.reconstruction) == {"model.layers.0", "model.layers.1"}
+
+
+@pytest.mark.parametrize("part", ["block", "mlp"])
+def test_calls_joined_into_one_forward_give_the_per_call_loss_and_gradients(tiny_dirs, part):
+    """A step's calls run as one forward on their samples together: the same mean loss and the same
+    gradients as one forward per call (equal sample counts), and a differing non-batch value makes
+    the calls run one by one instead of being merged wrongly."""
+    from wanda_pl.core.reconstruct import _mse, joined, record_calls
+
+    module = CausalLM(str(tiny_dirs["llama"]))
+    layer = module.model.model.layers[1]
+    target_module = layer if part == "block" else layer.mlp
+    with torch.no_grad(), record_calls({"x": target_module}, "cpu") as calls:
+        for row in _ids(3, n=3).split(1):
+            module.model(input_ids=row)
+    calls = [(a, k, t + 0.1 * torch.randn_like(t)) for a, k, t in calls["x"]]  # a target to fit
+    together = joined(calls)
+    assert together is not None and together[2].shape[0] == 3
+
+    def grads(loss_fn):
+        target_module.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in target_module.parameters() if p.grad is not None]
+
+    one, g_one = grads(lambda: _mse(target_module, *together, "cpu"))
+    each, g_each = grads(lambda: sum(_mse(target_module, a, k, t, "cpu") for a, k, t in calls) / len(calls))
+    assert one == pytest.approx(each, rel=1e-5)
+    assert len(g_one) == len(g_each) > 0
+    for a, b in zip(g_one, g_each):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # a value that is neither per sample nor the same in every call: not joined; the same in each: passed once
+    def with_extra(n):
+        return calls[0][0], {**calls[0][1], "extra": torch.arange(5) + n}, calls[0][2]
+
+    assert joined([with_extra(0), with_extra(1)]) is None
+    both = joined([with_extra(0), with_extra(0)])
+    assert both[2].shape[0] == 2 and torch.equal(both[1]["extra"], torch.arange(5))

@@ -28,6 +28,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .hooks import map_tensors
 from .layers import fused_slice, parameter_of
@@ -164,16 +165,43 @@ def _out_of_inference(module: nn.Module) -> None:
                     sub._buffers[name] = b.clone()
 
 
+def joined(calls: List[tuple]) -> Optional[tuple]:
+    """Several recorded calls as one call on their samples together (one forward and backward a
+    step instead of one per call): a tensor whose first dimension is each call's sample count is
+    concatenated, anything else must be the same in every call and is passed once. None where the
+    calls cannot be joined so (other structures, a differing non-batch value): run one by one."""
+    if len(calls) == 1:
+        return calls[0]
+    flat = [tree_flatten(call) for call in calls]
+    if any(spec != flat[0][1] for _, spec in flat):
+        return None
+    rows = [call[2].shape[0] for call in calls]
+    leaves = []
+    for values in zip(*(f[0] for f in flat)):
+        first = values[0]
+        if isinstance(first, torch.Tensor) and first.dim() and all(
+                isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n for v, n in zip(values, rows)):
+            leaves.append(torch.cat(values))
+        elif all(v is first or (isinstance(v, torch.Tensor) and isinstance(first, torch.Tensor) and
+                                v.shape == first.shape and torch.equal(v, first)) for v in values):
+            leaves.append(first)
+        elif all(not isinstance(v, torch.Tensor) and v == first for v in values):
+            leaves.append(first)
+        else:
+            return None
+    return tree_unflatten(leaves, flat[0][1])
+
+
 def _fit(module, calls, kept, settings, device, order, optimizer, was) -> Tuple[float, float]:
     params = [p for p, _ in kept]
     try:
-        before = _error(module, calls, device)
+        before = _error(module, calls, device, settings.batch)
         for _ in range(settings.steps):
             batch = torch.randperm(len(calls), generator=order)[: settings.batch].tolist()
             optimizer.zero_grad(set_to_none=True)
-            for i in batch:
-                args, kwargs, target = calls[i]
-                loss = _mse(module, args, kwargs, target, device) / len(batch)
+            together = joined([calls[i] for i in batch])
+            for args, kwargs, target in [together] if together is not None else [calls[i] for i in batch]:
+                loss = _mse(module, args, kwargs, target, device) * (1 if together is not None else 1 / len(batch))
                 loss.backward()
             _mean_grads(params)
             for p, mask in kept:
@@ -182,7 +210,7 @@ def _fit(module, calls, kept, settings, device, order, optimizer, was) -> Tuple[
             with torch.no_grad():
                 for p, mask in kept:
                     p.masked_fill_(mask, 0)
-        after = _error(module, calls, device)
+        after = _error(module, calls, device, settings.batch)
     finally:
         for p, flag in was:
             p.requires_grad_(flag)
@@ -196,8 +224,17 @@ def _mse(module, args, kwargs, target, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _error(module, calls, device) -> float:
-    return sum(float(_mse(module, a, k, t, device)) for a, k, t in calls) / max(len(calls), 1)
+def _error(module, calls, device, size: int = 1) -> float:
+    """The mean squared error per call, ``size`` calls per forward where they join."""
+    total = 0.0
+    for start in range(0, len(calls), size):
+        group = calls[start:start + size]
+        together = joined(group)
+        if together is not None and len({c[2].shape[0] for c in group}) == 1:  # equal weights: the same mean
+            total += float(_mse(module, *together, device)) * len(group)
+        else:
+            total += sum(float(_mse(module, a, k, t, device)) for a, k, t in group)
+    return total / max(len(calls), 1)
 
 
 def reconstruct_block(block: nn.Module, block_name: str, targets: Dict[str, nn.Module],
