@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--zero-shot-limit", type=int, default=100, help="documents per task; 0: no zero-shot")
     ap.add_argument("--repeats", type=int, default=5, help="timed speed rounds (after one warm-up round)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--zero-shot-points", nargs="*", help="the points that get zero-shot (unset: every one)")
+    ap.add_argument("--out", help="a folder to keep the sweep in (a rerun with the same settings resumes it)")
     ap.add_argument("--name", default="llm_structure", help="results/<name>.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,7 +105,8 @@ def main() -> None:
     module = CausalLM(args.model)
     widths = [mlp_width_for(module.model, s) for s in args.shares]
     structures = (["width"] if widths else []) + (["depth"] if args.blocks else [])
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.out or scratch
         t0 = time.perf_counter()
         summary = sweep(trainer([Calibration(), Pruning(args.score, width_heads=args.heads)]), module, _data(args),
                         Grid([args.score], widths, structures=structures, blocks=args.blocks or None),
@@ -122,8 +125,10 @@ def main() -> None:
             tuned = Path(tmp) / f"fit-{row['point']}" / "model"
             after = last["metrics"]["ppl"]["after"]
             prune_s = row.get("time_calibration_s", 0) + row.get("time_prune_s", 0)
+            zs = args.zero_shot_points is None or row["point"] in args.zero_shot_points
             rows.append(f"| {row['point']} | {row['parameters_removed']:.1%} | {row['ppl']:.2f} | {news:.2f} | "
-                        f"{_zs(args, str(folder))} | {after:.2f} | {last['news']:.2f} | {_zs(args, str(tuned))} | "
+                        f"{_zs(args, str(folder)) if zs else '-'} | {after:.2f} | {last['news']:.2f} | "
+                        f"{_zs(args, str(tuned)) if zs else '-'} | "
                         f"{prune_s:.0f} / {time.perf_counter() - t0:.0f} |")
             print(rows[-1], flush=True)
             speed_models[row["point"]] = str(folder)
@@ -136,7 +141,7 @@ def main() -> None:
         {**(last or {}), "model": args.model}, score=args.score, shares=args.shares, mlp_widths=widths,
         heads=args.heads, blocks=args.blocks, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         loss=args.loss, weight=args.weight, temperature=args.temperature, zero_shot_limit=args.zero_shot_limit,
-        repeats=args.repeats, threads=args.threads,
+        zero_shot_points=args.zero_shot_points or "all", repeats=args.repeats, threads=args.threads,
         speed="every model once per round, one warm-up round dropped, medians; ratios to dense"))
 
 

@@ -214,7 +214,13 @@ def test_width_prunes_to_a_smaller_model_that_stock_code_reloads(tiny_dirs, text
                           mlp.down_proj.weight.detach(), sums["gate_proj"], sums["down_proj"], None)
     assert kept["channels"] == sorted(torch.sort(scores, descending=True, stable=True).indices[:64].tolist())
     # the reloaded model computes what the run measured
-    assert report["metrics"]["ppl"]["pruned"] > 1 and (out / "model" / "README.md").is_file()
+    assert report["metrics"]["ppl"]["pruned"] > 1
+    # the card says what was removed and the parameters before and after, not a weight sparsity
+    from wanda_pl.commands.card import front_matter
+
+    card = (out / "model" / "README.md").read_text()
+    assert {"structured", "width"} <= set(front_matter(card)["tags"]) and "sparse" not in front_matter(card)["tags"]
+    assert f"{report['parameters_dense']:,} -> {report['parameters']:,}" in card and "zeros in dense" not in card
 
 
 @pytest.mark.parametrize("score", ["magnitude", "flap"])

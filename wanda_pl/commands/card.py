@@ -74,8 +74,9 @@ def model_card(report: Mapping[str, Any], where: str) -> str:
     sparsity = report.get("sparsity_after", report.get("actual_sparsity"))
     pattern = stype.replace(":", "-") + ("-sparsity" if ":" in stype else "")
     label = method_label(report)
-    tags = ["wanda_pl", "pruned", "sparse", *label.split("+"), pattern]
-    tags += [f"sparsity-{round(100 * sparsity)}"] if isinstance(sparsity, (int, float)) else []
+    shape = _structure(report)
+    tags = ["wanda_pl", "pruned", *(["structured", report["structure"]] if shape else ["sparse", *label.split("+"), pattern])]
+    tags += [f"sparsity-{round(100 * sparsity)}"] if isinstance(sparsity, (int, float)) and not shape else []
     tags += ["fine-tuned"] if fit else []
     before, after, rows = _results(report)
     metrics = [{"type": m.name, "name": f"{m.label} ({after})", "value": a} for m, _, a in rows]
@@ -89,17 +90,19 @@ def model_card(report: Mapping[str, Any], where: str) -> str:
             "dataset": {"name": str(report.get("evaluation")), "type": str(report.get("evaluation"))},
             "metrics": metrics}]}]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
-             f"# {Path(base).name}: {label} {stype}, sparsity {_pct(sparsity)}" + (" (fine-tuned)" if fit else ""), "",
+             f"# {Path(base).name}: " + (shape[0] if shape else f"{label} {stype}, sparsity {_pct(sparsity)}")
+             + (" (fine-tuned)" if fit else ""), "",
              f"Pruned with wanda_pl {report.get('versions', {}).get('wanda_pl', '')} from "
              f"`{base}` (loaded from `{report.get('model_path')}`).", "",
              "| setting | value |", "| --- | --- |",
-             f"| method | {label} (granularity {report.get('granularity')}, "
-             f"allocation {report.get('allocation')}) |",
-             f"| sparsity | target {report.get('sparsity_ratio')} {stype}; actual {_pct(sparsity)} of the "
-             f"prunable weights ({len(report.get('layers') or {})} layers) |",
-             f"| coverage | the prunable weights are {_pct(report.get('target_coverage'))} of the blocks' weights; "
-             f"sparsity {_pct(report.get('sparsity_block_weights'))} over all block weights, "
-             f"{_pct(report.get('sparsity_model'))} over every weight of the model |",
+             *(shape[1:] if shape else [
+                 f"| method | {label} (granularity {report.get('granularity')}, "
+                 f"allocation {report.get('allocation')}) |",
+                 f"| sparsity | target {report.get('sparsity_ratio')} {stype}; actual {_pct(sparsity)} of the "
+                 f"prunable weights ({len(report.get('layers') or {})} layers) |",
+                 f"| coverage | the prunable weights are {_pct(report.get('target_coverage'))} of the blocks' "
+                 f"weights; sparsity {_pct(report.get('sparsity_block_weights'))} over all block weights, "
+                 f"{_pct(report.get('sparsity_model'))} over every weight of the model |"]),
              f"| calibration | {report.get('nsamples')} samples"
              + (f" x {report.get('seqlen')} tokens" if report.get("seqlen") else "")
              + f" of {report.get('calibration')}, seed {report.get('seed')} |",
@@ -119,11 +122,36 @@ def model_card(report: Mapping[str, Any], where: str) -> str:
         lines += ["from wanda_pl.modules.classifier import Classifier", "",
                   f"module = Classifier(checkpoint_path={where!r})  # module.model: the timm network"]
     lines += ["```", "",
+              f"A smaller model: its config states the new sizes, so stock code loads it. To recover what pruning "
+              f"cost by distillation from the original: `python cli.py fit --model.name_or_path {where} "
+              f"--distill.teacher {report.get('model')} ...`." if shape else
               "The pruned weights are zeros in dense tensors. To fine-tune with every zero kept: "
               f"`python cli.py fit --model.name_or_path {where} --pruning.masks_from zeros ...`.", "",
               "`report.json` beside this card holds every setting of the run (the full config, calibration, "
               "library versions, timings, per-layer sparsity).", ""]
     return "\n".join(lines)
+
+
+def _structure(report: Mapping[str, Any]) -> List[str]:
+    """A smaller model's title and table rows (what was removed, the parameters before and after);
+    empty for weight sparsity."""
+    if report.get("structure") not in ("width", "depth"):
+        return []
+    before, after = report.get("parameters_dense"), report.get("parameters")
+    if report["structure"] == "width":
+        what = (f"width by {report.get('method')}: {_pct(report.get('width_mlp'))} of every block's MLP channels "
+                f"and {_pct(report.get('width_heads'))} of its KV groups removed, compensation "
+                f"{report.get('compensate')}")
+    else:
+        removed = (report.get("structure_result") or {}).get("removed") or []
+        what = f"depth: {report.get('blocks_removed')} blocks removed ({', '.join(removed)}), by influence"
+    counts = f"{_count(before)} -> {_count(after)} ({after / before - 1:+.1%})" if before and after else "-"
+    return [f"{report['structure']}-pruned, {counts} parameters", f"| structure | {what} |",
+            f"| parameters | {counts} |"]
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
 def write_card(folder, report: Mapping[str, Any], where) -> None:
