@@ -169,6 +169,64 @@ def test_bias_compensation_is_refused_where_the_config_cannot_state_the_bias():
     st.Structure("width", "wanda", 0.25, 0.0, compensate="bias").check(tiny_config("llama"))  # LLaMA: mlp_bias
 
 
+def test_opt_takes_mlp_width_and_depth_and_refuses_heads_with_the_reason():
+    cfg = tiny_config("opt")
+    assert st.layout_of(cfg) is st.OPT
+    assert st.Structure("width", "wanda", 0.5, 0.0, compensate="bias").widths(cfg) == {"channels": 64, "kv_groups": 4}
+    st.Structure("width", "wanda", 0.5, 0.0, compensate="bias").check(cfg)  # fc2 has a bias (enable_bias)
+    with pytest.raises(ValueError, match="OPT derives the head size.*set pruning.width_heads 0"):
+        st.Structure("width", "wanda", 0.5, 0.25).check(cfg)
+    cfg.enable_bias = False
+    with pytest.raises(ValueError, match="cannot state an MLP bias"):
+        st.Structure("width", "wanda", 0.5, 0.0, compensate="bias").check(cfg)
+
+
+@pytest.mark.parametrize("compensate", ["none", "bias"])
+def test_opt_width_equals_the_channels_zeroed_and_reloads(tiny_dirs, text_file, tmp_path, compensate):
+    """OPT's fc1 -> fc2 sit in the block itself: its removed channels give the outputs of the dense
+    model with those fc2 columns zeroed (``none``), and the folder reloads with stock code either way."""
+    import json
+
+    from conftest import run_cli
+    from test_cli import base_args
+
+    out = tmp_path / "out"
+    error, _ = run_cli(base_args(tiny_dirs["opt"], text_file, out, "--save_model", "true", "--pruning.structure",
+                                 "width", "--pruning.width_mlp", "0.5", "--pruning.width_heads", "0",
+                                 "--pruning.compensate", compensate))
+    assert error is None, error
+    report = json.loads((out / "report.json").read_text())
+    back = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    assert back.config.ffn_dim == 64 and report["parameters"] == sum(p.numel() for p in back.parameters())
+    zeroed, ids = AutoModelForCausalLM.from_pretrained(tiny_dirs["opt"]).eval(), _ids()
+    for i, block in enumerate(zeroed.model.decoder.layers):
+        kept = report["structure_result"]["kept"][f"model.decoder.layers.{i}"]["channels"]
+        drop = torch.ones(128, dtype=torch.bool)
+        drop[kept] = False
+        with torch.no_grad():
+            block.fc2.weight[:, drop] = 0
+    if compensate == "none":
+        torch.testing.assert_close(_logits(back, ids), _logits(zeroed, ids), rtol=1e-4, atol=1e-4)
+    else:  # the removed channels' mean went into fc2's bias: the same weights, another bias
+        assert not torch.equal(back.model.decoder.layers[0].fc2.bias, zeroed.model.decoder.layers[0].fc2.bias)
+
+
+def test_opt_depth_removes_blocks_and_reloads(tiny_dirs, text_file, tmp_path):
+    import json
+
+    from conftest import run_cli
+    from test_cli import base_args
+
+    out = tmp_path / "out"
+    error, _ = run_cli(base_args(tiny_dirs["opt"], text_file, out, "--save_model", "true", "--pruning.structure",
+                                 "depth", "--pruning.blocks_removed", "1"))
+    assert error is None, error
+    report = json.loads((out / "report.json").read_text())
+    back = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert back.config.num_hidden_layers == len(back.model.decoder.layers) == 1
+    assert report["parameters"] == sum(p.numel() for p in back.parameters())
+
+
 def test_a_family_of_another_layout_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="'gpt2'.*fused or Conv1D"):
         st.layout_of(tiny_config("gpt2"))

@@ -18,7 +18,7 @@ from .layers import weight_matrix
 from .onload import Placement
 from .sparsity import SparsitySpec
 from .structure import Structure, channel_scores, expand, group_scores, head_dim_of, influence, keep_blocks, keep_kv_groups, \
-    keep_mlp_channels, keep_top, layout_of, mean_shift, refit_columns, smaller_config, with_bias
+    keep_mlp_channels, keep_top, layout_of, mean_shift, path, refit_columns, smaller_config, with_bias
 
 
 def _variance(s) -> torch.Tensor:
@@ -28,7 +28,7 @@ def _variance(s) -> torch.Tensor:
 def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Dict[str, int], config) -> Dict[str, list]:
     """Score and cut one block in place; returns the kept channel and KV-group indices."""
     layout, out = layout_of(config), {}
-    mlp_name, attn_name = f"{name}.{layout.mlp}", f"{name}.{layout.attention}"
+    mlp_name, attn_name = path(name, layout.mlp), path(name, layout.attention)
     mlp, attention = block.get_submodule(layout.mlp), block.get_submodule(layout.attention)
     if structure.mlp:
         producers = [getattr(mlp, p).weight.detach() for p in layout.producers]
@@ -138,7 +138,7 @@ def prune_width(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput
     if structure.heads:
         group = config.num_attention_heads // config.num_key_value_heads
         heads = keep["kv_groups"] * group
-    biases = [f for f, share in (("mlp_bias", structure.mlp), ("attention_bias", structure.heads))
+    biases = [f for f, share in zip(layout_of(config).bias_fields, (structure.mlp, structure.heads))
               if share and structure.compensate == "bias"]
     smaller_config(config, intermediate=keep["channels"] if structure.mlp else None, heads=heads,
                    kv_heads=keep["kv_groups"] if structure.heads else None, layout=layout_of(config), biases=biases)

@@ -25,41 +25,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .layouts import LAYOUTS, LLAMA, OPT, Layout, head_dim_of, layout_of, path  # noqa: F401  (the table's users import here)
+
 SCORES = ("magnitude", "wanda", "flap")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a family keeps what structured pruning cuts: the MLP's producers and consumer, the
-    attention's projections, and the config fields that state their widths."""
-
-    mlp: str = "mlp"
-    producers: Sequence[str] = ("gate_proj", "up_proj")
-    consumer: str = "down_proj"
-    width_field: str = "intermediate_size"
-    attention: str = "self_attn"
-    q: str = "q_proj"
-    k: str = "k_proj"
-    v: str = "v_proj"
-    o: str = "o_proj"
-
-
-# The LLaMA layout (LLaMA, Mistral, Qwen2, Gemma2 and most open decoders share it).
-LLAMA = Layout()
-LAYOUTS: Dict[str, Layout] = {t: LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")}
-
-
-def head_dim_of(config) -> int:
-    """The attention head size (stated, or implied by the head count)."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def layout_of(config) -> Layout:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in LAYOUTS:
-        raise ValueError(f"structured pruning knows the layouts of {', '.join(sorted(LAYOUTS))}; this model is "
-                         f"{model_type!r}, whose MLP and attention are laid out otherwise (fused or Conv1D projections)")
-    return LAYOUTS[model_type]
 
 
 def channel_scores(score: str, producers: List[torch.Tensor], consumer: torch.Tensor,
@@ -257,7 +225,10 @@ class Structure:
         """Channels and KV groups every block keeps; refused where nothing would be left."""
         layout = layout_of(config)
         channels = getattr(config, layout.width_field)
-        groups = config.num_key_value_heads
+        if self.heads and layout.heads_refused:
+            raise ValueError(f"pruning.width_heads {self.heads:g}: {layout.heads_refused}; set pruning.width_heads 0 "
+                             "(MLP channels only)")
+        groups = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         keep = {"channels": channels - round(self.mlp * channels), "kv_groups": groups - round(self.heads * groups)}
         if keep["channels"] < 1:
             raise ValueError(f"pruning.width_mlp {self.mlp:g} leaves no MLP channel of {channels} in a block")
@@ -275,8 +246,10 @@ class Structure:
     def check(self, config) -> None:
         if self.mode == "width":
             self.widths(config)
-            for share, field, what in ((self.mlp, "mlp_bias", "MLP"), (self.heads, "attention_bias", "attention")):
-                if self.compensate == "bias" and share and not hasattr(config, field):
+            fields = layout_of(config).bias_fields
+            for share, field, what in ((self.mlp, fields[0], "MLP"), (self.heads, fields[1], "attention")):
+                shared_off = fields[0] == fields[1] and getattr(config, field, None) is False  # would add every bias
+                if self.compensate == "bias" and share and (getattr(config, field, None) is None or shared_off):
                     raise ValueError(f"pruning.compensate bias puts the removed channels' mean into a bias, and "
                                      f"{config.model_type}'s config cannot state an {what} bias ({field}): use lsq "
                                      f"or none")

@@ -1,0 +1,55 @@
+"""Where each family keeps what structured pruning cuts (the MLP's producers and consumer, the
+attention's projections) and the config fields that state their widths: one small table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps what structured pruning cuts: the MLP's producers and consumer, the
+    attention's projections, and the config fields that state their widths."""
+
+    mlp: str = "mlp"  # "": the producers and consumer sit in the block itself
+    producers: Sequence[str] = ("gate_proj", "up_proj")
+    consumer: str = "down_proj"
+    width_field: str = "intermediate_size"
+    attention: str = "self_attn"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    # why the config cannot state fewer heads (None: it can); the config flag of each part's biases
+    heads_refused: Optional[str] = None
+    bias_fields: Tuple[str, str] = ("mlp_bias", "attention_bias")
+
+
+# The LLaMA layout (LLaMA, Mistral, Qwen2, Gemma2 and most open decoders share it).
+LLAMA = Layout()
+# OPT: fc1 -> fc2 in the block itself, biases everywhere (enable_bias), the head size implied by
+# hidden_size / num_attention_heads.
+OPT = Layout(mlp="", producers=("fc1",), consumer="fc2", width_field="ffn_dim", o="out_proj",
+             heads_refused="OPT derives the head size from hidden_size / num_attention_heads, so its config cannot "
+                           "state fewer heads of the same size",
+             bias_fields=("enable_bias", "enable_bias"))
+LAYOUTS: Dict[str, Layout] = {t: LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")}
+LAYOUTS["opt"] = OPT
+
+
+def path(*parts: str) -> str:
+    """Module names joined, the empty ones (a part that is the block itself) left out."""
+    return ".".join(p for p in parts if p)
+
+
+def head_dim_of(config) -> int:
+    """The attention head size (stated, or implied by the head count)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layout_of(config) -> Layout:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LAYOUTS:
+        raise ValueError(f"structured pruning knows the layouts of {', '.join(sorted(LAYOUTS))}; this model is "
+                         f"{model_type!r}, whose MLP and attention are laid out otherwise (fused or Conv1D projections)")
+    return LAYOUTS[model_type]
