@@ -330,9 +330,6 @@ def test_expert_ratio_refusals_before_any_work(moe_dirs, tiny_dirs, text_file, t
     assert "has no fused experts" in error and not (tmp_path / "b").exists()
     with pytest.raises(ValueError, match=r"experts_ratio must be in \[0, 1\)"):
         Pruning(experts_ratio=1.0)
-    sweep = base_args(moe_dirs["mixtral"], text_file, tmp_path / "c", "--pruning.experts_ratio", "0.5")
-    error, _ = run_cli(["sweep", *sweep[1:]])
-    assert "a sweep restores the dense weights" in error and not (tmp_path / "c").exists()
     error, _ = run_cli(base_args(moe_dirs["mixtral"], text_file, tmp_path / "d", "--pruning.experts_ratio", "0.5",
                                  "--model.offload", "disk"))
     assert "use model.offload cpu" in error and not (tmp_path / "d").exists()
@@ -354,3 +351,22 @@ def test_reap_saliency_weighs_each_expert_output_by_its_routing_weight():
     gate, up = (hidden @ experts.gate_up_proj[0].t()).chunk(2, dim=-1)
     norms = ((F.silu(gate) * up) @ experts.down_proj[0].t()).double().norm(dim=-1)
     assert float(sums[0]) == pytest.approx(float(0.9 * norms.sum()), rel=1e-6)
+
+
+def test_a_sweep_removes_experts_at_every_point_from_the_dense_model(moe_dirs, text_file, tmp_path):
+    """Each point starts from a fresh dense copy (the one before removed experts): the second point
+    equals its own prune run."""
+    from test_cli import base_args
+
+    sweep = base_args(moe_dirs["mixtral"], text_file, tmp_path / "sweep", "--pruning.experts_ratio", "0.5",
+                      "--sweep.ratios", "[0.3,0.5]")
+    error, _ = run_cli(["sweep", *sweep[1:]])
+    assert error is None, error
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
+    error, _ = run_cli(base_args(moe_dirs["mixtral"], text_file, tmp_path / "alone", "--pruning.experts_ratio", "0.5",
+                                 "--pruning.sparsity_ratio", "0.5"))
+    assert error is None, error
+    alone = json.loads((tmp_path / "alone" / "report.json").read_text())
+    second = json.loads((tmp_path / "sweep" / rows[1]["point"] / "report.json").read_text())
+    assert second["experts_pruned"] == alone["experts_pruned"] and second["parameters"] == alone["parameters"]
+    assert second["metrics"]["ppl"]["pruned"] == pytest.approx(alone["metrics"]["ppl"]["pruned"], rel=1e-5)

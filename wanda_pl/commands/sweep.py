@@ -84,9 +84,6 @@ def sweep(trainer, model, datamodule, grid: Optional[Grid] = None, output_dir: s
     grid = grid or Grid()
     if base.masks_from is not None:
         raise ValueError("pruning.masks_from takes masks instead of computing them: it is for fit/validate, not sweep")
-    if base.settings.experts_ratio:  # every point starts from the dense weights, of the dense shapes
-        raise UserError("pruning.experts_ratio removes experts, and a sweep restores the dense weights for every "
-                        "point: run one prune per point")
     todo = points(grid, base.settings)
     inputs, writes = run_inputs(config, model=model.path), lightning_writes(trainer)
     out = Path(output_dir).expanduser().absolute()
@@ -154,7 +151,7 @@ def _points(trainer, model, datamodule, zero_shot, base, grid, todo, identity, d
             bar.set_postfix_str(point.name)
             report = done.get(point.name)
             if report is None:
-                start.restore(reshaped=settings.structure.enabled)
+                start.restore(reshaped=settings.structure.enabled or settings.experts_ratio > 0)
                 point_config = None if config is None else {
                     **config, "output_dir": str(out / point.name),
                     "pruning": {**base.init_args, **settings.args, "enabled": False}}
@@ -180,8 +177,8 @@ def _points(trainer, model, datamodule, zero_shot, base, grid, todo, identity, d
 
 class _Start:
     """The dense model every point starts from. A weight-sparsity point gets the dense weights back
-    in place; after a structured point (its blocks cut, its config changed) the module gets a fresh
-    copy of the dense network instead, since the cut one can take neither the shapes nor the config."""
+    in place; after a point that cut the model (a structure, experts removed: other shapes, another
+    config) the module gets a fresh copy of the dense network instead."""
 
     def __init__(self, model) -> None:
         self.model, self.dense, self.cut = model, copy.deepcopy(model.model), False
