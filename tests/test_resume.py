@@ -84,6 +84,7 @@ def assert_same_output(a: Path, b: Path):
     ("wanda", "disk", ("--pruning.reconstruct", "attn_mlp", "--pruning.reconstruct_steps", "3")),  # fitted blocks
     # cut blocks (their shapes and biases come back before their weights), and depth's influence scores
     ("wanda", "none", ("--pruning.structure", "width", "--pruning.compensate", "bias")),
+    ("wanda", "disk", ("--pruning.structure", "width")),
     ("wanda", "cpu", ("--pruning.structure", "depth", "--pruning.blocks_removed", "2")),
 ])
 def test_sigkill_after_block_1_resumes_bit_identical(deep_llama, text_file, tmp_path, method, offload, extra):

@@ -380,6 +380,8 @@ BAD = [
     (["--pruning.structure", "width", "--pruning.update", "admm"], "pruning.update='admm'"),
     (["--pruning.structure", "width", "--pruning.method", "sparsegpt"], "magnitude, wanda, flap"),
     (["--pruning.structure", "sideways"], "pruning.structure must be one of none, width, depth"),
+    (["--pruning.structure", "depth", "--pruning.blocks_removed", "1", "--model.offload", "disk"],
+     "depth renumbers the blocks it keeps"),
     (["--pruning.compensate", "lsq"], "pruning.compensate lsq makes up for removed channels"),
     (["--pruning.structure", "width", "--pruning.compensate", "mean"], "pruning.compensate must be one of none, bias, lsq"),
 ]
@@ -445,3 +447,35 @@ def test_a_structured_sweep_leaves_the_module_dense(tiny_dirs, text_file, tmp_pa
     assert after.keys() == before.keys()
     for name, value in before.items():
         assert torch.equal(after[name], value), name
+
+
+@pytest.mark.parametrize("compensate", ["none", "bias"])
+def test_width_offloaded_to_disk_equals_the_resident_run(tiny_dirs, text_file, tmp_path, compensate):
+    """Each block read from the checkpoint for its turn, cut, written as its shard in the cut shapes:
+    the saved folder and the numbers equal the resident run's."""
+    import json
+
+    from test_resume import weights
+
+    runs = {}
+    for offload in ("none", "disk"):
+        out = tmp_path / offload
+        error, _ = _prune_cli(tiny_dirs, text_file, out, "--pruning.structure", "width", "--pruning.sparsity_ratio",
+                              "0.5", "--pruning.compensate", compensate, "--model.offload", offload)
+        assert error is None, error
+        runs[offload] = json.loads((out / "report.json").read_text())
+    assert runs["disk"]["offload"] == "disk" and runs["none"]["offload"] == "none"
+    assert runs["disk"]["structure_result"] == runs["none"]["structure_result"]
+    assert runs["disk"]["parameters"] == runs["none"]["parameters"]
+    assert runs["disk"]["metrics"]["ppl"]["pruned"] == pytest.approx(runs["none"]["metrics"]["ppl"]["pruned"], rel=1e-5)
+    resident, disk = weights(tmp_path / "none" / "model"), weights(tmp_path / "disk" / "model")
+    assert set(resident) == set(disk)
+    for key in resident:
+        torch.testing.assert_close(disk[key], resident[key], rtol=1e-6, atol=1e-7, msg=key)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "disk" / "model")
+    assert back.config.intermediate_size == 64 and back.config.num_key_value_heads == 1
+    from wanda_pl.training.masks import load_masks  # disk's mask shards (one a block) read as one set
+
+    masks = {offload: load_masks(tmp_path / offload) for offload in runs}
+    assert list(masks["disk"]) == list(masks["none"]) and not any(m.any() for m in masks["disk"].values())
+    assert all(masks["disk"][k].shape == masks["none"][k].shape for k in masks["none"])

@@ -85,8 +85,11 @@ def recut_block(block: nn.Module, record: Dict[str, list], structure: Structure,
                     torch.zeros(getattr(attention, layout.o).out_features))
 
 
-def _checkpoint(ckpt, index: int, name: str, block: nn.Module, inputs, record: Dict[str, Any]) -> None:
-    ckpt.save(index, name, block, inputs, PruneResult(structure={"blocks": {name: record}}))
+def _checkpoint(ckpt, index: int, name: str, block: nn.Module, inputs, record: Dict[str, Any], targets) -> None:
+    """The block's record and its (empty) masks, which offload disk writes out as the block's mask shard."""
+    masks = {n: torch.zeros(weight_matrix(m).shape, dtype=torch.bool) for n, m in targets.items()}
+    ckpt.save(index, name, block, inputs, PruneResult(masks=masks, plan=dict.fromkeys(masks, SparsitySpec(0.0)),
+                                                      structure={"blocks": {name: record}}))
 
 
 def _without(kept: torch.Tensor, n: int) -> torch.Tensor:
@@ -133,7 +136,7 @@ def prune_width(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput
         placement.leave(name, block, pruned=True)
         for inp, out in zip(inputs, outs):
             inp.hidden = out
-        _checkpoint(ckpt, index, name, block, inputs, kept[name])
+        _checkpoint(ckpt, index, name, block, inputs, kept[name], targets_fn(name, block))
     heads = None
     if structure.heads:
         group = config.num_attention_heads // config.num_key_value_heads
@@ -145,7 +148,7 @@ def prune_width(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput
     return {"kept": kept, "widths": keep, "start": start}
 
 
-def prune_depth(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput],
+def prune_depth(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput], targets_fn,
                 structure: Structure, store_device="cpu", placement=None, progress: bool = True,
                 ckpt=None) -> Dict[str, Any]:
     """Remove the ``structure.blocks`` blocks that turn the hidden state least (on the dense model's
@@ -170,7 +173,7 @@ def prune_depth(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]], input
         scores.append(float(total[0] / total[1]))
         for inp, out in zip(current, outs):
             inp.hidden = out
-        _checkpoint(ckpt, index, name, block, current, {"influence": scores[-1]})
+        _checkpoint(ckpt, index, name, block, current, {"influence": scores[-1]}, targets_fn(name, block))
     order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
     removed = sorted(order[: structure.blocks])
     keep = [i for i in range(len(blocks)) if i not in removed]
@@ -193,7 +196,8 @@ def reshape_model(pl_module, blocks, inputs: List[BlockInput], structure: Struct
         info = prune_width(blocks, inputs, pl_module.block_targets, structure, model.config, store_device, placement,
                            progress, ckpt)
     else:
-        info = prune_depth(model, blocks, inputs, structure, store_device, placement, progress, ckpt)
+        info = prune_depth(model, blocks, inputs, pl_module.block_targets, structure, store_device, placement, progress,
+                           ckpt)
     start = info.pop("start")
     result = PruneResult(forward_s=time.perf_counter() - t0, resumed_from=start)  # scoring: a small part of these
     for name, module in pl_module.all_targets().items():

@@ -185,9 +185,9 @@ class PruningSettings:
             correction.check_possible(targets, [pl_module])
         if self.structure.enabled:
             self.structure.check(pl_module.model.config)
-            if getattr(pl_module, "disk", None) is not None:
-                raise ValueError(f"pruning.structure {self.structure.mode} reshapes the model, and model.offload disk "
-                                 "writes the checkpoint's own shapes: use model.offload cpu")
+            if self.structure.mode == "depth" and getattr(pl_module, "disk", None) is not None:
+                raise ValueError("pruning.structure depth renumbers the blocks it keeps, and model.offload disk "
+                                 "writes each block under its own name as it goes: use model.offload cpu")
 
     def plan(self, blocks, inputs, targets_fn, store_device="cpu", progress: bool = False,
              placement: Optional[Any] = None) -> Plan:
