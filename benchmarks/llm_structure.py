@@ -73,7 +73,12 @@ def _zero_shot(args, model: str) -> float:
 
 
 def _zs(args, model: str) -> str:
-    return f"{100 * in_child(_zero_shot, args, model):.2f}" if args.zero_shot_limit > 0 else "-"
+    if args.zero_shot_limit <= 0:
+        return "-"
+    t0 = time.perf_counter()
+    acc = f"{100 * in_child(_zero_shot, args, model):.2f}"
+    print(f"zero-shot {model}: {acc} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return acc
 
 
 def main() -> None:
