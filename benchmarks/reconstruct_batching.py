@@ -41,6 +41,11 @@ def main() -> None:
     layer = module.model.model.layers[args.block]
     name = f"model.model.layers.{args.block}"
     targets = {f"{name}.{n}": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    # the dense block's inputs and outputs: the targets the pruned block is fitted to
+    parts = {"block": layer, "self_attn": layer.self_attn, "mlp": layer.mlp}
+    with torch.no_grad(), rec.record_calls(parts, "cpu") as calls:
+        for row in dm.calibration_data().split(1):
+            module.model(input_ids=row)
     masks = {}
     with torch.no_grad():
         for n, m in targets.items():  # 2:4 by magnitude: the two smallest of every four inputs
@@ -48,10 +53,6 @@ def main() -> None:
             low = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(2, 2, largest=False).indices, True)
             masks[n] = low.reshape(m.weight.shape)
             m.weight.masked_fill_(masks[n], 0)
-    parts = {"block": layer, "self_attn": layer.self_attn, "mlp": layer.mlp}
-    with torch.no_grad(), rec.record_calls(parts, "cpu") as calls:
-        for row in dm.calibration_data().split(1):
-            module.model(input_ids=row)
     real_joined = rec.joined
     rows = []
     for mode in args.modes:
