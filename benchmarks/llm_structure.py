@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--score", default="wanda", help="width score: magnitude, wanda (Wanda-sp), flap")
     ap.add_argument("--shares", type=float, nargs="*", default=[0.2, 0.35], help="parameter shares removed by width")
     ap.add_argument("--heads", type=float, default=0.0, help="share of KV groups removed by the width points")
+    ap.add_argument("--width-multiple", type=int, default=1,
+                    help="kept MLP channels rounded to a multiple of this (--pruning.width_multiple)")
     ap.add_argument("--blocks", type=int, nargs="*", default=[3, 6], help="blocks removed by the depth points")
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows, also the fine-tuning text")
     ap.add_argument("--seqlen", type=int, default=256)
@@ -113,7 +115,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.out or scratch
         t0 = time.perf_counter()
-        summary = sweep(trainer([Calibration(), Pruning(args.score, width_heads=args.heads)]), module, _data(args),
+        summary = sweep(trainer([Calibration(), Pruning(args.score, width_heads=args.heads,
+                                                                     width_multiple=args.width_multiple)]), module, _data(args),
                         Grid([args.score], widths, structures=structures, blocks=args.blocks or None),
                         str(Path(tmp) / "sweep"), save_model=True)
         print(f"sweep: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -144,7 +147,7 @@ def main() -> None:
              "|---|---|---|---|---|"] + speed
     write_table(args.name, header, rows, settings_of(
         {**(last or {}), "model": args.model}, score=args.score, shares=args.shares, mlp_widths=widths,
-        heads=args.heads, blocks=args.blocks, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        width_multiple=args.width_multiple, heads=args.heads, blocks=args.blocks, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         loss=args.loss, weight=args.weight, temperature=args.temperature, zero_shot_limit=args.zero_shot_limit,
         zero_shot_points=args.zero_shot_points or "all", repeats=args.repeats, threads=args.threads,
         speed="every model once per round, one warm-up round dropped, medians; ratios to dense"))

@@ -358,6 +358,35 @@ def test_fit_refuses_to_reshape_the_model_it_trains(tiny_dirs):
         pruning.obtain_masks(trainer, CausalLM(str(tiny_dirs["llama"])))
 
 
+def test_rounded_width_is_the_nearest_multiple_that_removes_something():
+    for channels in range(2, 40):
+        for multiple in range(1, channels):
+            for keep in range(1, channels):
+                got = st.rounded_width(channels, keep, multiple)
+                allowed = [m for m in range(multiple, channels, multiple)]  # multiples that remove something
+                best = min(abs(m - keep) for m in allowed)
+                assert got in allowed and abs(got - keep) == best, (channels, keep, multiple, got)
+
+
+def test_width_multiple_rounds_the_kept_channels_and_keeps_the_best_scored(tiny_dirs, text_file, tmp_path):
+    """0.3 of 128 channels keeps 90, rounded to 96 (a multiple of 32): the same 96 channels as
+    removing exactly a quarter, in every block, and the saved config says 96."""
+    import json
+
+    runs = {}
+    for name, extra in (("rounded", ("--pruning.width_mlp", "0.3", "--pruning.width_multiple", "32")),
+                        ("quarter", ("--pruning.width_mlp", "0.25"))):
+        error, _ = _prune_cli(tiny_dirs, text_file, tmp_path / name, "--pruning.structure", "width",
+                              "--pruning.width_heads", "0", *extra)
+        assert error is None, error
+        runs[name] = json.loads((tmp_path / name / "report.json").read_text())
+    kept = {n: r["structure_result"]["kept"] for n, r in runs.items()}
+    assert all(len(k["channels"]) == 96 for k in kept["rounded"].values()) and kept["rounded"] == kept["quarter"]
+    assert runs["rounded"]["width_multiple"] == 32 and "width_multiple" not in runs["quarter"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "rounded" / "model").config.intermediate_size == 96
+    assert "multiple of 32" in (tmp_path / "rounded" / "model" / "README.md").read_text()
+
+
 def test_depth_removes_the_least_influential_blocks(tiny_dirs, text_file, tmp_path):
     import json
 
@@ -384,6 +413,10 @@ BAD = [
      "depth renumbers the blocks it keeps"),
     (["--pruning.compensate", "lsq"], "pruning.compensate lsq makes up for removed channels"),
     (["--pruning.structure", "width", "--pruning.compensate", "mean"], "pruning.compensate must be one of none, bias, lsq"),
+    (["--pruning.structure", "width", "--pruning.width_multiple", "0"], "width_multiple must be an integer >= 1"),
+    (["--pruning.width_multiple", "64"], "width_multiple 64 rounds the MLP channels a width pruning keeps"),
+    (["--pruning.structure", "width", "--pruning.width_mlp", "0.3", "--pruning.width_multiple", "128"],
+     "width_multiple 128 cannot cut 128 MLP channels"),
 ]
 
 

@@ -56,7 +56,8 @@ class Pruning(Callback):
                  reconstruct: str = "none", reconstruct_steps: int = 20, reconstruct_lr: float = 1e-3,
                  reconstruct_batch: int = 4, reconstruct_target: str = "pruned", preset: Optional[str] = None,
                  structure: str = "none", width_mlp: Optional[float] = None, width_heads: Optional[float] = None,
-                 blocks_removed: int = 0, compensate: str = "none", enabled: bool = False, masks_from: Optional[str] = None,
+                 blocks_removed: int = 0, compensate: str = "none", width_multiple: int = 1, enabled: bool = False,
+                 masks_from: Optional[str] = None,
                  **method_options: Any) -> None:
         given = {k: v for k, v in locals().items() if k in GENERAL}  # every general setting, as named above
         self.settings = PruningSettings.from_args(**given, **method_options)

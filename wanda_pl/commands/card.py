@@ -140,8 +140,9 @@ def _structure(report: Mapping[str, Any]) -> List[str]:
     before, after = report.get("parameters_dense"), report.get("parameters")
     if report["structure"] == "width":
         what = (f"width by {report.get('method')}: {_pct(report.get('width_mlp'))} of every block's MLP channels "
-                f"and {_pct(report.get('width_heads'))} of its KV groups removed, compensation "
-                f"{report.get('compensate')}")
+                f"and {_pct(report.get('width_heads'))} of its KV groups removed"
+                + (f" (kept MLP channels a multiple of {report['width_multiple']})" if report.get("width_multiple") else "")
+                + f", compensation {report.get('compensate')}")
     else:
         removed = (report.get("structure_result") or {}).get("removed") or []
         what = f"depth: {report.get('blocks_removed')} blocks removed ({', '.join(removed)}), by influence"

@@ -90,7 +90,8 @@ def _steps(name: str) -> Dict[str, str]:
 
 
 # What a weight-sparsity point resets when the base settings are structured, and the reverse.
-_NO_STRUCTURE = dict(structure="none", width_mlp=None, width_heads=None, blocks_removed=0, compensate="none")
+_NO_STRUCTURE = dict(structure="none", width_mlp=None, width_heads=None, blocks_removed=0, compensate="none",
+                     width_multiple=1)
 _NO_WEIGHT_STEPS = dict(refine="none", update="none", allocation="uniform", sparsity_type="unstructured")
 
 
@@ -167,7 +168,7 @@ def _depth_points(grid, args, methods, ratios, types, allocations) -> List[Tuple
     for count in dict.fromkeys(blocks):
         point = Point("influence", "unstructured", None, structure="depth", blocks=count)
         out.append((point, {**_NO_WEIGHT_STEPS, "structure": "depth", "blocks_removed": count,
-                            "width_mlp": None, "width_heads": None, "compensate": "none"}))
+                            "width_mlp": None, "width_heads": None, "compensate": "none", "width_multiple": 1}))
     return out
 
 

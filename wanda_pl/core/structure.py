@@ -178,6 +178,17 @@ def smaller_config(config, *, intermediate: Optional[int] = None, heads: Optiona
         config.num_hidden_layers = len(blocks)
 
 
+def rounded_width(channels: int, keep: int, multiple: int) -> int:
+    """``keep`` of ``channels`` rounded to the nearest multiple of ``multiple`` (at least one multiple,
+    at most the largest below ``channels``): a matrix dimension of 1017 runs slower than 1024 on most
+    GEMM kernels, CPU and GPU alike. Refused where no rounding removes anything."""
+    top = (channels - 1) // multiple * multiple  # the most a multiple can keep while removing something
+    if top < multiple:
+        raise ValueError(f"pruning.width_multiple {multiple} cannot cut {channels} MLP channels: no multiple of "
+                         f"{multiple} lies below {channels}; use a smaller width_multiple")
+    return min(max(multiple, int(round(keep / multiple)) * multiple), top)
+
+
 MODES = ("none", "width", "depth")
 # none; bias: the removed channels' mean contribution into the consumer's bias (FLAP); lsq: the consumer
 # refitted on the kept channels by least squares (SliceGPT-like)
@@ -196,6 +207,7 @@ class Structure:
     heads: float = 0.0
     blocks: int = 0
     compensate: str = "none"  # width: what the consumers (down, o) get for the removed channels (COMPENSATIONS)
+    multiple: int = 1  # width: the kept MLP channels are a multiple of this (GEMM-friendly shapes)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -214,6 +226,11 @@ class Structure:
         if self.compensate != "none" and self.mode != "width":
             raise ValueError(f"pruning.compensate {self.compensate} makes up for removed channels: it needs "
                              f"pruning.structure width, got {self.mode!r}")
+        if not (isinstance(self.multiple, int) and not isinstance(self.multiple, bool) and self.multiple >= 1):
+            raise ValueError(f"pruning.width_multiple must be an integer >= 1, got {self.multiple!r}")
+        if self.multiple != 1 and not (self.mode == "width" and self.mlp):
+            raise ValueError(f"pruning.width_multiple {self.multiple} rounds the MLP channels a width pruning keeps: "
+                             f"it needs pruning.structure width with width_mlp > 0, got structure {self.mode!r}")
         if self.mode == "depth" and not (isinstance(self.blocks, int) and self.blocks >= 1):
             raise ValueError(f"pruning.structure depth needs pruning.blocks_removed >= 1, got {self.blocks!r}")
 
@@ -232,6 +249,8 @@ class Structure:
         keep = {"channels": channels - round(self.mlp * channels), "kv_groups": groups - round(self.heads * groups)}
         if keep["channels"] < 1:
             raise ValueError(f"pruning.width_mlp {self.mlp:g} leaves no MLP channel of {channels} in a block")
+        if self.multiple > 1 and self.mlp:
+            keep["channels"] = rounded_width(channels, keep["channels"], self.multiple)
         if keep["kv_groups"] < 1:
             raise ValueError(f"pruning.width_heads {self.heads:g} leaves no attention head: the {groups} KV groups "
                              f"(each with {config.num_attention_heads // groups} query heads) go whole")
@@ -241,7 +260,9 @@ class Structure:
         if self.mode == "depth":
             return {"structure": "depth", "blocks_removed": self.blocks, "method": "influence"}
         return {"structure": "width", "width_mlp": self.mlp, "width_heads": self.heads, "method": self.score,
-                "compensate": self.compensate}
+                "compensate": self.compensate,
+                # only when set: the fingerprints of earlier width points stay what they were
+                **({"width_multiple": self.multiple} if self.multiple != 1 else {})}
 
     def check(self, config) -> None:
         if self.mode == "width":

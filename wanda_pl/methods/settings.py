@@ -31,7 +31,7 @@ GENERAL = dict(method="wanda", sparsity_ratio=None, sparsity_type="unstructured"
                min_expert_tokens=None, rare_experts="magnitude", experts_ratio=0.0, reconstruct="none",
                reconstruct_steps=20, reconstruct_lr=1e-3, reconstruct_batch=4, reconstruct_target="pruned", preset=None,
                structure="none", width_mlp=None, width_heads=None, blocks_removed=0,
-               compensate="none")
+               compensate="none", width_multiple=1)
 
 
 def general_docs() -> Dict[str, str]:
@@ -70,6 +70,8 @@ def general_docs() -> Dict[str, str]:
         "width_mlp": "structure width: the share of every block's MLP channels removed (unset: sparsity_ratio).",
         "width_heads": "structure width: the share of every block's KV groups removed, each with its query heads "
                        "(unset: sparsity_ratio).",
+        "width_multiple": "structure width: round the MLP channels every block keeps to the nearest multiple of this "
+                          "(e.g. 64: GEMM-friendly shapes, faster on CPU and GPU; default 1: as the share gives).",
         "blocks_removed": "structure depth: how many blocks are removed.",
         "compensate": "structure width: what down_proj / o_proj get for the removed channels: ``none``, ``bias`` "
                       "(FLAP: their mean contribution into a bias; the config then states mlp_bias / attention_bias) "
@@ -204,11 +206,12 @@ _WEIGHT_ONLY = dict(refine="none", update="none", allocation="uniform", reconstr
 def _structure(args: Mapping[str, Any], spec: SparsitySpec) -> Structure:
     mode = args["structure"]
     if mode in (None, "none"):
-        return Structure(compensate=args["compensate"])  # a compensation without a structure is refused there
+        # a compensation or a rounding without a structure is refused there
+        return Structure(compensate=args["compensate"], multiple=args["width_multiple"])
     share = spec.ratio
     structure = Structure(mode, args["method"], share if args["width_mlp"] is None else args["width_mlp"],
                           share if args["width_heads"] is None else args["width_heads"], args["blocks_removed"],
-                          args["compensate"])
+                          args["compensate"], args["width_multiple"])
     if spec.type != "unstructured":
         raise ValueError(f"pruning.structure {mode} removes whole channels or blocks; sparsity_type {spec.type} "
                          "zeroes weights in groups: use one of them")
