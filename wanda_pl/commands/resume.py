@@ -162,12 +162,13 @@ class BlockCheckpoints:
                 recut(name, block, saved["structure"])
                 done.structure.setdefault("blocks", {})[name] = saved["structure"]
             if self.save_weights:
-                from safetensors.torch import load_file
+                if saved.get("weights", True):  # (False: the block was only measured, its weights untouched)
+                    from safetensors.torch import load_file
 
-                state = load_file(str(self.folder / f"block-{k:05d}.safetensors"))
-                with torch.no_grad():
-                    for key, t in block.state_dict().items():
-                        t.copy_(state[key])
+                    state = load_file(str(self.folder / f"block-{k:05d}.safetensors"))
+                    with torch.no_grad():
+                        for key, t in block.state_dict().items():
+                            t.copy_(state[key])
             else:
                 self.reuse_written(name)
             if self.keep_masks:
@@ -195,10 +196,13 @@ class BlockCheckpoints:
             saved = torch.load(self.folder / f"masks-{k:05d}.pt", weights_only=False)
             save_mask_shard(saved["masks"], folder, k, n_blocks)
 
-    def save(self, index: int, name: str, block: nn.Module, inputs: List[BlockInput], result: PruneResult) -> None:
+    def save(self, index: int, name: str, block: nn.Module, inputs: List[BlockInput], result: PruneResult,
+             weights: bool = True) -> None:
+        """``weights`` False: the block is as it was loaded (a depth pass only measures it), so a
+        resumed run need not take its weights back (a 70B's blocks are not written twice)."""
         names = [n for n in result.masks if n.startswith(name + ".")]
         if self.rank == 0:
-            if self.save_weights:
+            if self.save_weights and weights:
                 from safetensors.torch import save_file
 
                 state = {k: t.detach().cpu().contiguous() for k, t in block.state_dict().items()}
@@ -209,7 +213,8 @@ class BlockCheckpoints:
                      "rare": {n: result.rare[n] for n in names if n in result.rare},
                      "reconstruction": {n: v for n, v in result.reconstruction.items() if n == name or
                                         n.startswith(name + ".")},
-                     "structure": (result.structure or {}).get("blocks", {}).get(name)}
+                     "structure": (result.structure or {}).get("blocks", {}).get(name),
+                     "weights": bool(self.save_weights and weights)}
             _atomic(self.folder / f"masks-{index:05d}.pt", lambda p: torch.save(masks, p))
         hidden = [inp.hidden for inp in inputs]
         _atomic(self.folder / f"inputs-{index:05d}.rank{self.rank}.pt", lambda p: torch.save(hidden, p))

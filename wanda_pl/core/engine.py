@@ -82,7 +82,8 @@ class NoCheckpoints:
         block, record)`` gives a structured pass's block its checkpointed shapes before its weights."""
         return 0, PruneResult()
 
-    def save(self, index: int, name: str, block: nn.Module, inputs: List[BlockInput], result: PruneResult) -> None:
+    def save(self, index: int, name: str, block: nn.Module, inputs: List[BlockInput], result: PruneResult,
+             weights: bool = True) -> None:
         pass
 
 

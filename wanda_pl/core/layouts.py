@@ -47,6 +47,11 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def group_of(config) -> int:
+    """Query heads per KV group (grouped-query attention; 1 without it)."""
+    return config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+
 def layout_of(config) -> Layout:
     model_type = getattr(config, "model_type", None)
     if model_type not in LAYOUTS:

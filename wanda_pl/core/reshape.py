@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,8 +17,8 @@ from .hooks import BlockInput, collect_stats
 from .layers import weight_matrix
 from .onload import Placement
 from .sparsity import SparsitySpec
-from .structure import Structure, channel_scores, expand, group_scores, head_dim_of, influence, keep_blocks, keep_kv_groups, \
-    keep_mlp_channels, keep_top, layout_of, mean_shift, path, refit_columns, smaller_config, with_bias
+from .structure import Structure, channel_scores, expand, group_of, group_scores, head_dim_of, influence, keep_blocks, \
+    keep_kv_groups, keep_mlp_channels, keep_top, layout_of, mean_shift, path, refit_columns, smaller_config, with_bias
 
 
 def _variance(s) -> torch.Tensor:
@@ -27,24 +27,23 @@ def _variance(s) -> torch.Tensor:
 
 def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Dict[str, int], config) -> Dict[str, list]:
     """Score and cut one block in place; returns the kept channel and KV-group indices."""
-    layout, out = layout_of(config), {}
+    layout, out, refits, shifts = layout_of(config), {}, {}, {}
     mlp_name, attn_name = path(name, layout.mlp), path(name, layout.attention)
     mlp, attention = block.get_submodule(layout.mlp), block.get_submodule(layout.attention)
+    channels = groups = None
     if structure.mlp:
         producers = [getattr(mlp, p).weight.detach() for p in layout.producers]
         consumer = getattr(mlp, layout.consumer).weight.detach()
         p_stats, c_stats = stats[f"{mlp_name}.{layout.producers[0]}"], stats[f"{mlp_name}.{layout.consumer}"]
         scores = channel_scores(structure.score, producers, consumer, p_stats.sq_sum, c_stats.sq_sum, _variance(c_stats))
-        kept = keep_top(scores, keep["channels"])
-        refit = refit_columns(consumer, c_stats.xtx, kept) if structure.compensate == "lsq" else None
-        keep_mlp_channels(mlp, kept, layout)
-        _set_weight(getattr(mlp, layout.consumer), refit)
+        channels = keep_top(scores, keep["channels"])
+        if structure.compensate == "lsq":
+            refits["mlp"] = refit_columns(consumer, c_stats.xtx, channels)
         if structure.compensate == "bias":
-            _biased(mlp, layout.producers, layout.consumer, mean_shift(consumer, c_stats.mean, _without(kept, len(scores))))
-        out["channels"] = kept.tolist()
+            shifts["mlp"] = mean_shift(consumer, c_stats.mean, _without(channels, len(scores)))
+        out["channels"] = channels.tolist()
     if structure.heads:
-        head_dim = head_dim_of(config)
-        group = config.num_attention_heads // config.num_key_value_heads
+        head_dim, group = head_dim_of(config), group_of(config)
         q, k, v, o = (getattr(attention, p).weight.detach() for p in (layout.q, layout.k, layout.v, layout.o))
         h_stats, o_stats = stats[f"{attn_name}.{layout.q}"], stats[f"{attn_name}.{layout.o}"]
         # per channel: q rows and o columns (a query head's), k and v rows (its KV group's)
@@ -55,41 +54,58 @@ def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Di
             per_kv = channel_scores(structure.score, [k, v], torch.zeros(1, k.shape[0]), h_stats.sq_sum,
                                     torch.zeros(k.shape[0]), None)
         scores = group_scores(per_q, head_dim * group) + group_scores(per_kv, head_dim)
-        kept = keep_top(scores, keep["kv_groups"])
-        columns = expand(expand(kept, group), head_dim)  # o's inputs: the kept query heads' channels
-        refit = refit_columns(o, o_stats.xtx, columns) if structure.compensate == "lsq" else None
-        keep_kv_groups(attention, kept, head_dim, group, layout)
-        _set_weight(getattr(attention, layout.o), refit)
+        groups = keep_top(scores, keep["kv_groups"])
+        columns = expand(expand(groups, group), head_dim)  # o's inputs: the kept query heads' channels
+        if structure.compensate == "lsq":
+            refits["attention"] = refit_columns(o, o_stats.xtx, columns)
         if structure.compensate == "bias":
-            _biased(attention, (layout.q, layout.k, layout.v), layout.o,
-                    mean_shift(o, o_stats.mean, _without(columns, o.shape[1])))
-        out["kv_groups"] = kept.tolist()
+            shifts["attention"] = mean_shift(o, o_stats.mean, _without(columns, o.shape[1]))
+        out["kv_groups"] = groups.tolist()
+    _cut(block, structure, config, channels, groups, refits, shifts)
     return out
 
 
 def recut_block(block: nn.Module, record: Dict[str, list], structure: Structure, config) -> None:
     """A block cut as an interrupted run cut it (``record``: its kept indices), to take back the
-    weights that run checkpointed: the shapes and, with ``compensate bias``, the biases."""
-    layout = layout_of(config)
-    if "channels" in record:
+    weights that run checkpointed: the shapes and, with ``compensate bias``, the (zero) biases."""
+    as_index = lambda key: torch.tensor(record[key]) if key in record else None  # noqa: E731
+    _cut(block, structure, config, as_index("channels"), as_index("kv_groups"))
+
+
+def _cut(block: nn.Module, structure: Structure, config, channels: Optional[torch.Tensor],
+         groups: Optional[torch.Tensor], refits: Optional[Dict[str, torch.Tensor]] = None,
+         shifts: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Cut ``block`` in place to the kept MLP ``channels`` and KV ``groups`` (None: that part whole); the
+    consumers (down, o) take their ``refits`` (lsq) and, with ``compensate bias``, every projection of
+    the part a bias, the consumer's holding ``shifts`` (none given: zeros, to be overwritten)."""
+    layout, refits, shifts = layout_of(config), refits or {}, shifts or {}
+    if channels is not None:
         mlp = block.get_submodule(layout.mlp)
-        keep_mlp_channels(mlp, torch.tensor(record["channels"]), layout)
+        keep_mlp_channels(mlp, channels, layout)
+        _set_weight(getattr(mlp, layout.consumer), refits.get("mlp"))
         if structure.compensate == "bias":
-            _biased(mlp, layout.producers, layout.consumer, torch.zeros(getattr(mlp, layout.consumer).out_features))
-    if "kv_groups" in record:
+            _biased(mlp, layout.producers, layout.consumer, shifts.get("mlp"))
+    if groups is not None:
         attention = block.get_submodule(layout.attention)
-        group = config.num_attention_heads // config.num_key_value_heads
-        keep_kv_groups(attention, torch.tensor(record["kv_groups"]), head_dim_of(config), group, layout)
+        keep_kv_groups(attention, groups, head_dim_of(config), group_of(config), layout)
+        _set_weight(getattr(attention, layout.o), refits.get("attention"))
         if structure.compensate == "bias":
-            _biased(attention, (layout.q, layout.k, layout.v), layout.o,
-                    torch.zeros(getattr(attention, layout.o).out_features))
+            _biased(attention, (layout.q, layout.k, layout.v), layout.o, shifts.get("attention"))
 
 
-def _checkpoint(ckpt, index: int, name: str, block: nn.Module, inputs, record: Dict[str, Any], targets) -> None:
-    """The block's record and its (empty) masks, which offload disk writes out as the block's mask shard."""
+def _unpruned(targets: Dict[str, nn.Module]) -> PruneResult:
+    """No weight zeroed in ``targets``: all-False masks at sparsity 0 (a structure cuts, it does not mask)."""
     masks = {n: torch.zeros(weight_matrix(m).shape, dtype=torch.bool) for n, m in targets.items()}
-    ckpt.save(index, name, block, inputs, PruneResult(masks=masks, plan=dict.fromkeys(masks, SparsitySpec(0.0)),
-                                                      structure={"blocks": {name: record}}))
+    return PruneResult(masks=masks, plan=dict.fromkeys(masks, SparsitySpec(0.0)))
+
+
+def _checkpoint(ckpt, index: int, name: str, block: nn.Module, inputs, record: Dict[str, Any], targets,
+                weights: bool = True) -> None:
+    """The block's record and its (empty) masks, which offload disk writes out as the block's mask shard;
+    ``weights``: whether the block's weights are needed to resume (not for a block left whole)."""
+    result = _unpruned(targets)
+    result.structure = {"blocks": {name: record}}
+    ckpt.save(index, name, block, inputs, result, weights=weights)
 
 
 def _without(kept: torch.Tensor, n: int) -> torch.Tensor:
@@ -98,7 +114,7 @@ def _without(kept: torch.Tensor, n: int) -> torch.Tensor:
     return drop.nonzero().flatten()
 
 
-def _biased(part: nn.Module, producers, consumer: str, shift: torch.Tensor) -> None:
+def _biased(part: nn.Module, producers, consumer: str, shift: Optional[torch.Tensor]) -> None:
     """Every projection of ``part`` with a bias (the config states one flag for them all), the
     consumer's holding ``shift``."""
     for name in producers:
@@ -137,10 +153,7 @@ def prune_width(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput
         for inp, out in zip(inputs, outs):
             inp.hidden = out
         _checkpoint(ckpt, index, name, block, inputs, kept[name], targets_fn(name, block))
-    heads = None
-    if structure.heads:
-        group = config.num_attention_heads // config.num_key_value_heads
-        heads = keep["kv_groups"] * group
+    heads = keep["kv_groups"] * group_of(config) if structure.heads else None
     biases = [f for f, share in zip(layout_of(config).bias_fields, (structure.mlp, structure.heads))
               if share and structure.compensate == "bias"]
     smaller_config(config, intermediate=keep["channels"] if structure.mlp else None, heads=heads,
@@ -173,7 +186,8 @@ def prune_depth(model: nn.Module, blocks: Sequence[Tuple[str, nn.Module]], input
         scores.append(float(total[0] / total[1]))
         for inp, out in zip(current, outs):
             inp.hidden = out
-        _checkpoint(ckpt, index, name, block, current, {"influence": scores[-1]}, targets_fn(name, block))
+        _checkpoint(ckpt, index, name, block, current, {"influence": scores[-1]}, targets_fn(name, block),
+                    weights=False)
     order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
     removed = sorted(order[: structure.blocks])
     keep = [i for i in range(len(blocks)) if i not in removed]
@@ -199,10 +213,8 @@ def reshape_model(pl_module, blocks, inputs: List[BlockInput], structure: Struct
         info = prune_depth(model, blocks, inputs, pl_module.block_targets, structure, store_device, placement, progress,
                            ckpt)
     start = info.pop("start")
-    result = PruneResult(forward_s=time.perf_counter() - t0, resumed_from=start)  # scoring: a small part of these
-    for name, module in pl_module.all_targets().items():
-        result.masks[name] = torch.zeros(weight_matrix(module).shape, dtype=torch.bool)
-        result.plan[name] = SparsitySpec(0.0)
+    result = _unpruned(pl_module.all_targets())
+    result.forward_s, result.resumed_from = time.perf_counter() - t0, start  # scoring: a small part of these
     result.structure = {"mode": structure.mode, **info,
                         "parameters": {"before": before, "after": sum(p.numel() for p in model.parameters())}}
     return result

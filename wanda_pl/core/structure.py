@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .layouts import LAYOUTS, LLAMA, OPT, Layout, head_dim_of, layout_of, path  # noqa: F401  (the table's users import here)
+from .layouts import LAYOUTS, LLAMA, OPT, Layout, group_of, head_dim_of, layout_of, path  # noqa: F401  (the table's users import here)
 
 SCORES = ("magnitude", "wanda", "flap")
 
@@ -253,7 +253,7 @@ class Structure:
             keep["channels"] = rounded_width(channels, keep["channels"], self.multiple)
         if keep["kv_groups"] < 1:
             raise ValueError(f"pruning.width_heads {self.heads:g} leaves no attention head: the {groups} KV groups "
-                             f"(each with {config.num_attention_heads // groups} query heads) go whole")
+                             f"(each with {group_of(config)} query heads) go whole")
         return keep
 
     def describe(self) -> Dict[str, object]:
