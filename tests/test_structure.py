@@ -169,67 +169,103 @@ def test_bias_compensation_is_refused_where_the_config_cannot_state_the_bias():
     st.Structure("width", "wanda", 0.25, 0.0, compensate="bias").check(tiny_config("llama"))  # LLaMA: mlp_bias
 
 
-def test_opt_takes_mlp_width_and_depth_and_refuses_heads_with_the_reason():
-    cfg = tiny_config("opt")
-    assert st.layout_of(cfg) is st.OPT
-    assert st.Structure("width", "wanda", 0.5, 0.0, compensate="bias").widths(cfg) == {"channels": 64, "kv_groups": 4}
-    st.Structure("width", "wanda", 0.5, 0.0, compensate="bias").check(cfg)  # fc2 has a bias (enable_bias)
-    with pytest.raises(ValueError, match="OPT derives the head size.*set pruning.width_heads 0"):
+# Families whose head size is implied by the head count: (layout, the reason heads are refused, the block
+# list, the MLP's consumer in a block, the config's width field, the dense width). GPT-2's n_inner is None
+# (4 * n_embd) in the tiny config, and its c_fc / c_proj are Conv1D, their weights stored (in, out).
+IMPLIED_HEADS = {
+    "opt": (st.OPT, "OPT derives the head size", "model.decoder.layers", "fc2", "ffn_dim", 128),
+    "gpt2": (st.GPT2, "GPT-2 derives the head size", "transformer.h", "mlp.c_proj", "n_inner", 256),
+}
+
+
+@pytest.mark.parametrize("family", IMPLIED_HEADS)
+def test_opt_and_gpt2_take_mlp_width_and_depth_and_refuse_heads_with_the_reason(family):
+    cfg = tiny_config(family)
+    layout, reason, _, _, _, width = IMPLIED_HEADS[family]
+    assert st.layout_of(cfg) is layout
+    assert st.Structure("width", "wanda", 0.5, 0.0, compensate="bias").widths(cfg) == {"channels": width // 2,
+                                                                                        "kv_groups": 4}
+    st.Structure("width", "wanda", 0.5, 0.0, compensate="bias").check(cfg)  # the consumer has a bias to take the mean
+    st.Structure("depth", blocks=1).check(cfg)
+    with pytest.raises(ValueError, match=f"{reason}.*set pruning.width_heads 0"):
         st.Structure("width", "wanda", 0.5, 0.25).check(cfg)
-    cfg.enable_bias = False
-    with pytest.raises(ValueError, match="cannot state an MLP bias"):
-        st.Structure("width", "wanda", 0.5, 0.0, compensate="bias").check(cfg)
+    if family == "opt":  # OPT's biases follow one flag: off, the shift would need every layer given a bias
+        cfg.enable_bias = False
+        with pytest.raises(ValueError, match="cannot state an MLP bias"):
+            st.Structure("width", "wanda", 0.5, 0.0, compensate="bias").check(cfg)
+    else:  # scaled by their block numbers, renumbered blocks would reload with other scales
+        cfg.scale_attn_by_inverse_layer_idx = True
+        with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+            st.Structure("depth", blocks=1).check(cfg)
+
+
+def _structured_cli(tiny_dirs, text_file, out, family, *extra):
+    import json
+
+    from conftest import run_cli
+    from test_cli import base_args
+
+    error, _ = run_cli(base_args(tiny_dirs[family], text_file, out, "--save_model", "true", *extra))
+    assert error is None, error
+    return json.loads((out / "report.json").read_text()), AutoModelForCausalLM.from_pretrained(out / "model").eval()
 
 
 @pytest.mark.parametrize("compensate", ["none", "bias"])
-def test_opt_width_equals_the_channels_zeroed_and_reloads(tiny_dirs, text_file, tmp_path, compensate):
-    """OPT's fc1 -> fc2 sit in the block itself: its removed channels give the outputs of the dense
-    model with those fc2 columns zeroed (``none``), and the folder reloads with stock code either way."""
-    import json
+@pytest.mark.parametrize("family", IMPLIED_HEADS)
+def test_opt_and_gpt2_width_equals_the_channels_zeroed_and_reloads(tiny_dirs, text_file, tmp_path, family, compensate):
+    """The MLP's producers and consumer (OPT: fc1 -> fc2 in the block itself; GPT-2: Conv1D c_fc -> c_proj):
+    the removed channels give the outputs of the dense model with those consumer columns zeroed (``none``),
+    and the folder reloads with stock code either way, its config stating the kept width."""
+    from wanda_pl.core.layers import weight_matrix
 
-    from conftest import run_cli
-    from test_cli import base_args
-
-    out = tmp_path / "out"
-    error, _ = run_cli(base_args(tiny_dirs["opt"], text_file, out, "--save_model", "true", "--pruning.structure",
-                                 "width", "--pruning.width_mlp", "0.5", "--pruning.width_heads", "0",
-                                 "--pruning.compensate", compensate))
-    assert error is None, error
-    report = json.loads((out / "report.json").read_text())
-    back = AutoModelForCausalLM.from_pretrained(out / "model").eval()
-    assert back.config.ffn_dim == 64 and report["parameters"] == sum(p.numel() for p in back.parameters())
-    zeroed, ids = AutoModelForCausalLM.from_pretrained(tiny_dirs["opt"]).eval(), _ids()
-    for i, block in enumerate(zeroed.model.decoder.layers):
-        kept = report["structure_result"]["kept"][f"model.decoder.layers.{i}"]["channels"]
-        drop = torch.ones(128, dtype=torch.bool)
+    _, _, blocks, consumer, field, width = IMPLIED_HEADS[family]
+    report, back = _structured_cli(tiny_dirs, text_file, tmp_path / "out", family, "--pruning.structure", "width",
+                                   "--pruning.width_mlp", "0.5", "--pruning.width_heads", "0",
+                                   "--pruning.compensate", compensate)
+    assert getattr(back.config, field) == width // 2
+    assert report["parameters"] == sum(p.numel() for p in back.parameters())
+    zeroed, ids = AutoModelForCausalLM.from_pretrained(tiny_dirs[family]).eval(), _ids()
+    for i, block in enumerate(zeroed.get_submodule(blocks)):
+        kept = report["structure_result"]["kept"][f"{blocks}.{i}"]["channels"]
+        drop = torch.ones(width, dtype=torch.bool)
         drop[kept] = False
         with torch.no_grad():
-            block.fc2.weight[:, drop] = 0
+            weight_matrix(block.get_submodule(consumer))[:, drop] = 0  # (out, in): GPT-2's Conv1D stores (in, out)
     if compensate == "none":
         torch.testing.assert_close(_logits(back, ids), _logits(zeroed, ids), rtol=1e-4, atol=1e-4)
-    else:  # the removed channels' mean went into fc2's bias: the same weights, another bias
-        assert not torch.equal(back.model.decoder.layers[0].fc2.bias, zeroed.model.decoder.layers[0].fc2.bias)
+    else:  # the removed channels' mean went into the consumer's bias: the same weights, another bias
+        bias = lambda m: m.get_submodule(f"{blocks}.0.{consumer}").bias  # noqa: E731
+        assert not torch.equal(bias(back), bias(zeroed))
 
 
-def test_opt_depth_removes_blocks_and_reloads(tiny_dirs, text_file, tmp_path):
-    import json
+@pytest.mark.parametrize("family", IMPLIED_HEADS)
+def test_opt_and_gpt2_depth_equals_the_blocks_skipped_and_reloads(tiny_dirs, text_file, tmp_path, family):
+    _, _, blocks, _, _, _ = IMPLIED_HEADS[family]
+    report, back = _structured_cli(tiny_dirs, text_file, tmp_path / "out", family, "--pruning.structure", "depth",
+                                   "--pruning.blocks_removed", "1")
+    assert back.config.num_hidden_layers == len(back.get_submodule(blocks)) == 1
+    assert report["parameters"] == sum(p.numel() for p in back.parameters())
+    skipped, ids = AutoModelForCausalLM.from_pretrained(tiny_dirs[family]).eval(), _ids()
+    (removed,) = report["structure_result"]["removed"]
+    skipped.get_submodule(removed).register_forward_hook(
+        lambda mod, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True)
+    torch.testing.assert_close(_logits(back, ids), _logits(skipped, ids), rtol=1e-4, atol=1e-4)
 
+
+@pytest.mark.parametrize("family", IMPLIED_HEADS)
+def test_opt_and_gpt2_refuse_width_heads_before_any_work(tiny_dirs, text_file, tmp_path, count_validations, family):
     from conftest import run_cli
     from test_cli import base_args
 
-    out = tmp_path / "out"
-    error, _ = run_cli(base_args(tiny_dirs["opt"], text_file, out, "--save_model", "true", "--pruning.structure",
-                                 "depth", "--pruning.blocks_removed", "1"))
-    assert error is None, error
-    report = json.loads((out / "report.json").read_text())
-    back = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert back.config.num_hidden_layers == len(back.model.decoder.layers) == 1
-    assert report["parameters"] == sum(p.numel() for p in back.parameters())
+    error, _ = run_cli(base_args(tiny_dirs[family], text_file, tmp_path / "sub" / "out", "--pruning.structure", "width",
+                                 "--pruning.width_mlp", "0.25", "--pruning.width_heads", "0.25"))
+    assert error is not None and IMPLIED_HEADS[family][1] in error and "set pruning.width_heads 0" in error, error
+    assert count_validations == [] and not (tmp_path / "sub").exists()
 
 
 def test_a_family_of_another_layout_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="'gpt2'.*fused or Conv1D"):
-        st.layout_of(tiny_config("gpt2"))
+    with pytest.raises(ValueError, match="'mixtral'.*laid out otherwise"):
+        st.layout_of(tiny_config("mixtral"))
     assert st.layout_of(tiny_config("llama")) is st.LLAMA
 
 
@@ -298,22 +334,22 @@ def test_every_width_score_runs_and_chooses_its_own_channels(tiny_dirs, text_fil
     assert AutoModelForCausalLM.from_pretrained(tmp_path / score / "model").config.num_attention_heads == 4
 
 
+# family -> (what its width run removes, its first block): GPT-2's heads are refused, so MLP channels only
+COMPENSATED = {"llama": (("--pruning.sparsity_ratio", "0.5"), "model.layers.0"),
+               "gpt2": (("--pruning.width_mlp", "0.5", "--pruning.width_heads", "0"), "transformer.h.0")}
+
+
 @pytest.mark.parametrize("compensate", ["lsq", "bias"])
-def test_compensation_brings_the_model_closer_to_the_dense_one(tiny_dirs, text_file, tmp_path, compensate):
+@pytest.mark.parametrize("family", COMPENSATED)
+def test_compensation_brings_the_model_closer_to_the_dense_one(tiny_dirs, text_file, tmp_path, family, compensate):
     """The width run with a compensation against the same run without (the default): the last hidden state
     on the calibration windows is closer to the dense model's; the saved folder (biases and the config's
     bias flags included) reloads with stock code to the model the run measured."""
-    import json
-
-    outs = {}
-    for c in ("none", compensate):
-        out = tmp_path / c
-        error, _ = _prune_cli(tiny_dirs, text_file, out, "--pruning.structure", "width", "--pruning.sparsity_ratio",
-                              "0.5", "--pruning.compensate", c)
-        assert error is None, error
-        outs[c] = (json.loads((out / "report.json").read_text()), AutoModelForCausalLM.from_pretrained(out / "model"))
+    removes, first = COMPENSATED[family]
+    outs = {c: _structured_cli(tiny_dirs, text_file, tmp_path / c, family, "--pruning.structure", "width", *removes,
+                               "--pruning.compensate", c) for c in ("none", compensate)}
     ids = torch.load(tmp_path / "none" / "calibration_ids.pt")
-    dense = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dirs[family])
     with torch.no_grad():
         want = dense(ids, output_hidden_states=True).hidden_states[-1]
         err = {c: float((m(ids, output_hidden_states=True).hidden_states[-1] - want).pow(2).mean())
@@ -322,13 +358,18 @@ def test_compensation_brings_the_model_closer_to_the_dense_one(tiny_dirs, text_f
     report, model = outs[compensate]
     assert report["compensate"] == compensate and outs["none"][0]["compensate"] == "none"
     assert report["parameters"] == sum(p.numel() for p in model.parameters())
-    if compensate == "bias":
+    if compensate == "bias" and family == "llama":
         assert model.config.mlp_bias and model.config.attention_bias
         assert model.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
         assert float(model.model.layers[0].mlp.gate_proj.bias.abs().sum()) == 0.0
+    if compensate == "bias" and family == "gpt2":  # the shift went into c_proj's own bias; c_fc's kept as they were
+        mlp, dense_mlp = model.transformer.h[0].mlp, dense.transformer.h[0].mlp
+        kept = report["structure_result"]["kept"][first]["channels"]
+        torch.testing.assert_close(mlp.c_fc.bias, dense_mlp.c_fc.bias[kept])
+        assert not torch.equal(mlp.c_proj.bias, dense_mlp.c_proj.bias)
     # block 0 keeps the same channels either way (compensation changes the kept weights, not the choice;
     # later blocks see other inputs, so they may choose others)
-    kept = {c: r["structure_result"]["kept"]["model.layers.0"] for c, (r, _) in outs.items()}
+    kept = {c: r["structure_result"]["kept"][first] for c, (r, _) in outs.items()}
     assert kept["none"] == kept[compensate]
 
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .distributed import check_same, sum_stats, summed
 from .engine import NoCheckpoints, PruneResult, device_of
 from .hooks import BlockInput, collect_stats
-from .layers import weight_matrix
+from .layers import param_mask, weight_matrix
 from .onload import Placement
 from .sparsity import SparsitySpec
 from .structure import Structure, channel_scores, expand, group_of, group_scores, head_dim_of, influence, keep_blocks, \
@@ -32,8 +32,9 @@ def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Di
     mlp, attention = block.get_submodule(layout.mlp), block.get_submodule(layout.attention)
     channels = groups = None
     if structure.mlp:
-        producers = [getattr(mlp, p).weight.detach() for p in layout.producers]
-        consumer = getattr(mlp, layout.consumer).weight.detach()
+        # (out, in) matrices: GPT-2's Conv1D stores its weight the other way round
+        producers = [weight_matrix(getattr(mlp, p)).detach() for p in layout.producers]
+        consumer = weight_matrix(getattr(mlp, layout.consumer)).detach()
         p_stats, c_stats = stats[f"{mlp_name}.{layout.producers[0]}"], stats[f"{mlp_name}.{layout.consumer}"]
         scores = channel_scores(structure.score, producers, consumer, p_stats.sq_sum, c_stats.sq_sum, _variance(c_stats))
         channels = keep_top(scores, keep["channels"])
@@ -44,7 +45,7 @@ def cut_block(name: str, block: nn.Module, stats, structure: Structure, keep: Di
         out["channels"] = channels.tolist()
     if structure.heads:
         head_dim, group = head_dim_of(config), group_of(config)
-        q, k, v, o = (getattr(attention, p).weight.detach() for p in (layout.q, layout.k, layout.v, layout.o))
+        q, k, v, o = (weight_matrix(getattr(attention, p)).detach() for p in (layout.q, layout.k, layout.v, layout.o))
         h_stats, o_stats = stats[f"{attn_name}.{layout.q}"], stats[f"{attn_name}.{layout.o}"]
         # per channel: q rows and o columns (a query head's), k and v rows (its KV group's)
         per_q = channel_scores(structure.score, [q], o, h_stats.sq_sum, o_stats.sq_sum, _variance(o_stats))
@@ -95,7 +96,8 @@ def _cut(block: nn.Module, structure: Structure, config, channels: Optional[torc
 
 def _unpruned(targets: Dict[str, nn.Module]) -> PruneResult:
     """No weight zeroed in ``targets``: all-False masks at sparsity 0 (a structure cuts, it does not mask)."""
-    masks = {n: torch.zeros(weight_matrix(m).shape, dtype=torch.bool) for n, m in targets.items()}
+    # shaped like each parameter, as the engine's masks are (GPT-2's Conv1D: (in, out))
+    masks = {n: param_mask(m, torch.zeros(weight_matrix(m).shape, dtype=torch.bool)) for n, m in targets.items()}
     return PruneResult(masks=masks, plan=dict.fromkeys(masks, SparsitySpec(0.0)))
 
 
@@ -122,10 +124,11 @@ def _biased(part: nn.Module, producers, consumer: str, shift: Optional[torch.Ten
     setattr(part, consumer, with_bias(getattr(part, consumer), shift))
 
 
-def _set_weight(linear: nn.Linear, weight) -> None:
+def _set_weight(layer: nn.Module, weight) -> None:
+    """``layer``'s weight set to the (out, in) ``weight``, through the view that stores it either way round."""
     if weight is not None:
         with torch.no_grad():
-            linear.weight.copy_(weight.to(linear.weight.device))
+            weight_matrix(layer).copy_(weight.to(layer.weight.device))
 
 
 def prune_width(blocks: Sequence[Tuple[str, nn.Module]], inputs: List[BlockInput], targets_fn, structure: Structure,

@@ -25,7 +25,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .layouts import LAYOUTS, LLAMA, OPT, Layout, group_of, head_dim_of, layout_of, path  # noqa: F401  (the table's users import here)
+from .layers import kind_of, weight_matrix
+from .layers.conv1d import CONV1D
+from .layouts import GPT2, LAYOUTS, LLAMA, OPT, Layout, group_of, head_dim_of, layout_of, path, width_of  # noqa: F401  (the table's users import here)
 
 SCORES = ("magnitude", "wanda", "flap")
 
@@ -64,8 +66,9 @@ def refit_columns(weight: torch.Tensor, xtx: torch.Tensor, keep: torch.Tensor, d
     return torch.linalg.solve(hk, rhs.T).T.to(weight.dtype)  # H[k, k] is symmetric
 
 
-def with_bias(linear: nn.Linear, add: Optional[torch.Tensor] = None) -> nn.Linear:
-    """``linear`` with a bias (zeros where it had none) plus ``add``: a new module when one is needed."""
+def with_bias(linear: nn.Module, add: Optional[torch.Tensor] = None) -> nn.Module:
+    """``linear`` with a bias (zeros where it had none) plus ``add``: a new module when one is needed
+    (a Linear: GPT-2's Conv1D always has one)."""
     if linear.bias is None:
         out = nn.Linear(linear.in_features, linear.out_features, bias=True, device=linear.weight.device,
                         dtype=linear.weight.dtype)
@@ -104,19 +107,30 @@ def expand(groups: torch.Tensor, size: int) -> torch.Tensor:
     return (groups[:, None] * size + torch.arange(size)[None]).reshape(-1)
 
 
-def sliced(linear: nn.Linear, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> nn.Linear:
-    """A new Linear holding only ``rows`` (outputs) and ``cols`` (inputs) of ``linear``, same dtype and device."""
-    w = linear.weight.detach()
+def sliced(layer: nn.Module, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> nn.Module:
+    """A new layer of ``layer``'s kind (Linear or Conv1D) holding only ``rows`` (outputs) and ``cols``
+    (inputs) of it, same dtype and device."""
+    w = weight_matrix(layer).detach()  # (out, in) whichever way round the layer stores it
     if rows is not None:
         w = w[rows.to(w.device)]
     if cols is not None:
         w = w[:, cols.to(w.device)]
-    bias = linear.bias
+    bias = layer.bias
+    if bias is not None:
+        bias = bias.detach() if rows is None else bias.detach()[rows.to(w.device)]
+    if kind_of(layer) is CONV1D:  # stored (in, out): built on meta, so no throwaway init of the full shape
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device("meta"):
+            out = Conv1D(w.shape[0], w.shape[1])
+        out.weight = nn.Parameter(w.t().clone(memory_format=torch.contiguous_format))
+        out.bias = nn.Parameter(bias.clone())
+        return out
     out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         out.weight.copy_(w)
         if bias is not None:
-            out.bias.copy_(bias.detach() if rows is None else bias.detach()[rows.to(w.device)])
+            out.bias.copy_(bias)
     return out
 
 
@@ -241,7 +255,7 @@ class Structure:
     def widths(self, config) -> Dict[str, int]:
         """Channels and KV groups every block keeps; refused where nothing would be left."""
         layout = layout_of(config)
-        channels = getattr(config, layout.width_field)
+        channels = width_of(config, layout)
         if self.heads and layout.heads_refused:
             raise ValueError(f"pruning.width_heads {self.heads:g}: {layout.heads_refused}; set pruning.width_heads 0 "
                              "(MLP channels only)")
@@ -267,8 +281,8 @@ class Structure:
     def check(self, config) -> None:
         if self.mode == "width":
             self.widths(config)
-            fields = layout_of(config).bias_fields
-            for share, field, what in ((self.mlp, fields[0], "MLP"), (self.heads, fields[1], "attention")):
+            fields = layout_of(config).bias_fields  # (): the biases are there already, nothing to state
+            for share, field, what in zip((self.mlp, self.heads), fields, ("MLP", "attention")):
                 shared_off = fields[0] == fields[1] and getattr(config, field, None) is False  # would add every bias
                 if self.compensate == "bias" and share and (getattr(config, field, None) is None or shared_off):
                     raise ValueError(f"pruning.compensate bias puts the removed channels' mean into a bias, and "
@@ -277,3 +291,7 @@ class Structure:
         elif self.mode == "depth" and self.blocks >= config.num_hidden_layers:
             raise ValueError(f"pruning.blocks_removed {self.blocks} must be below the model's "
                              f"{config.num_hidden_layers} blocks")
+        elif self.mode == "depth" and getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            raise ValueError("pruning.structure depth renumbers the blocks it keeps, and this config scales each "
+                             "block's attention by 1 / (its number + 1) (scale_attn_by_inverse_layer_idx): the saved "
+                             "model would reload with other scales")
