@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--method", default="wanda")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--inference", nargs="+", metavar="NAME=MODEL", help="time inference of these models instead")
+    ap.add_argument("--name", default="llm_speed_inference", help="results/<name>.md of --inference")
     args = ap.parse_args()
     if args.inference:
         import torch
@@ -113,7 +114,7 @@ def main() -> None:
 
         models = dict(m.split("=", 1) for m in args.inference)
         rows = inference(models, args.repeats)
-        write_table("llm_speed_inference", "| model | parameters | prefill tok/s, 1 x 512 | prefill tok/s, 8 x 512 | "
+        write_table(args.name, "| model | parameters | prefill tok/s, 1 x 512 | prefill tok/s, 8 x 512 | "
                     "decode tok/s, 1 x 128 new |", rows,
                     {"models": models, "repeats": args.repeats, "threads": torch.get_num_threads(),
                      "order": "every model once per round, in the order given; one warm-up round dropped; medians over rounds",

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_cli import count_validations  # noqa: E402,F401  (the fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).resolve().parent / "probe"
 
@@ -31,17 +33,28 @@ def deep_llama(tmp_path_factory, tokenizer):
     return folder
 
 
+def prune_args(model_dir, text_file, out, *extra):
+    return ["prune", "--model.name_or_path", str(model_dir), "--data.calibration", str(text_file),
+            "--data.evaluation", str(text_file), "--data.nsamples", "4", "--data.seqlen", "32",
+            "--data.max_eval_windows", "2", "--pruning.sparsity_ratio", "0.5", "--trainer.accelerator", "cpu",
+            "--trainer.enable_progress_bar", "false", "--save_model", "true", "--output_dir", str(out), *extra]
+
+
+def in_process(model_dir, text_file, out, *extra):
+    """(error or None, stdout) of the same command run in this process: for what needs no kill and no
+    bit-for-bit comparison with a subprocess (refusals, a fresh run), without a process start each."""
+    from conftest import run_cli
+
+    return run_cli(prune_args(model_dir, text_file, out, *extra))
+
+
 def run(model_dir, text_file, out, *extra, kill_after=None, check=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": f"{PROBE}{os.pathsep}{ROOT}"}
     env.pop("WANDA_PL_PROBE_DIR", None)
     if kill_after is not None:
         env["WANDA_PL_PROBE_KILL_AFTER"] = str(kill_after)
-    cmd = [sys.executable, str(ROOT / "cli.py"), "prune", "--model.name_or_path", str(model_dir),
-           "--data.calibration", str(text_file), "--data.evaluation", str(text_file), "--data.nsamples", "4",
-           "--data.seqlen", "32", "--data.max_eval_windows", "2", "--pruning.sparsity_ratio", "0.5",
-           "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--save_model", "true",
-           "--output_dir", str(out), *extra]
+    cmd = [sys.executable, str(ROOT / "cli.py"), *prune_args(model_dir, text_file, out, *extra)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -79,9 +92,10 @@ def assert_same_output(a: Path, b: Path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,offload,extra", [
-    ("sparsegpt", "none", ()), ("wanda", "disk", ()),
+    ("sparsegpt", "none", ()),
     ("ria", "none", ("--pruning.sparsity_type", "2:4", "--pruning.ria_permute", "true")),  # + permutations.pt
-    ("wanda", "disk", ("--pruning.reconstruct", "attn_mlp", "--pruning.reconstruct_steps", "3")),  # fitted blocks
+    # disk: the shards written before the kill are reused; with fitted blocks (a plain wanda run is a subset)
+    ("wanda", "disk", ("--pruning.reconstruct", "attn_mlp", "--pruning.reconstruct_steps", "3")),
     # cut blocks (their shapes and biases come back before their weights), and depth's influence scores
     ("wanda", "none", ("--pruning.structure", "width", "--pruning.compensate", "bias")),
     ("wanda", "disk", ("--pruning.structure", "width")),
@@ -106,33 +120,32 @@ def test_sigkill_after_block_1_resumes_bit_identical(deep_llama, text_file, tmp_
     assert report["resumed_from_block"] == 2
     assert_same_output(whole, out)
     assert not staging.exists()  # a finished run deletes its staging folder
-    # offload=disk's output equals the resident run's, bit for bit
-    if offload == "disk":
-        resident = tmp_path / "resident"
-        run(deep_llama, text_file, resident, "--pruning.method", method, *extra)
-        assert_same_output(resident, out)
+    # (offload disk's output equals the resident run's: in process, tests/test_scale.py, test_reconstruct.py and
+    # test_structure.py)
 
 
 @pytest.mark.slow
-def test_resume_refusals_and_a_stale_folder(deep_llama, text_file, tmp_path):
+def test_resume_refusals_and_a_stale_folder(deep_llama, text_file, tmp_path, count_validations):
+    """Only the kill needs a process of its own; the refusals and the fresh run go through the same
+    command in this process (a user error exits 2 with its message, as in a process: tests/test_cli.py)."""
     out = tmp_path / "runs" / "out"
     staging = tmp_path / "runs" / ".out.wanda_pl-resume"
-    none = run(deep_llama, text_file, out, "--resume", "true", check=False)
-    assert none.returncode == 2 and "no staging folder" in none.stderr and "to resume from" in none.stderr
+    error, _ = in_process(deep_llama, text_file, out, "--resume", "true")
+    assert error.startswith("exit 2") and "no staging folder" in error and "to resume from" in error, error
     run(deep_llama, text_file, out, kill_after=0, check=False)
     assert staging.is_dir()
-    other = run(deep_llama, text_file, out, "--resume", "true", "--pruning.sparsity_ratio", "0.6", check=False)
-    assert other.returncode == 2, other.stderr[-2000:]
-    assert "other settings" in other.stderr and "method" in other.stderr and "0.6" in other.stderr
-    assert "Loading" not in other.stdout  # refused before any work
-    fresh = run(deep_llama, text_file, out)  # no --resume: the stale folder is reported and replaced
-    assert "replacing the staging folder" in fresh.stdout
+    error, _ = in_process(deep_llama, text_file, out, "--resume", "true", "--pruning.sparsity_ratio", "0.6")
+    assert error.startswith("exit 2") and "other settings" in error and "method" in error and "0.6" in error, error
+    assert count_validations == []  # refused before any work
+    error, stdout = in_process(deep_llama, text_file, out)  # no --resume: the stale folder is reported and replaced
+    assert error is None, error
+    assert "replacing the staging folder" in stdout
     assert not staging.exists() and (out / "report.json").is_file()
     # a folder in the way that is not ours is never removed
     staging.mkdir()
     (staging / "mine.txt").write_text("a user's file")
-    foreign = run(deep_llama, text_file, out, check=False)
-    assert foreign.returncode == 2 and "was not written by wanda_pl" in foreign.stderr
+    error, _ = in_process(deep_llama, text_file, out)
+    assert error.startswith("exit 2") and "was not written by wanda_pl" in error, error
     assert (staging / "mine.txt").read_text() == "a user's file"
 
 
@@ -154,14 +167,13 @@ def test_resume_refuses_a_model_changed_on_disk(deep_llama, text_file, tmp_path)
     config = AutoModelForCausalLM.from_pretrained(model).config
     torch.manual_seed(1)
     AutoModelForCausalLM.from_config(config).save_pretrained(model)  # same shapes, same header, other bytes
-    resumed = run(model, text_file, out, "--pruning.method", "sparsegpt", "--resume", "true", check=False)
-    assert resumed.returncode == 2, resumed.stderr[-3000:]
-    assert "changed since the interrupted run" in resumed.stderr
-    assert "'model.safetensors' (its content differs)" in resumed.stderr
-    assert "resuming after block" not in resumed.stdout and not (out / "report.json").exists()
+    error, stdout = in_process(model, text_file, out, "--pruning.method", "sparsegpt", "--resume", "true")
+    assert error.startswith("exit 2") and "changed since the interrupted run" in error, error
+    assert "'model.safetensors' (its content differs)" in error
+    assert "resuming after block" not in stdout and not (out / "report.json").exists()
     assert (staging / "block-00001.safetensors").is_file()  # nothing of the earlier run is deleted
     # an untouched model folder resumes as before (the fingerprint is stable for the same files)
     fresh = tmp_path / "fresh"
     run(model, text_file, fresh, "--pruning.method", "sparsegpt", kill_after=1, check=False)
-    assert "resuming after block 1" in run(model, text_file, fresh, "--pruning.method", "sparsegpt",
-                                           "--resume", "true").stdout
+    error, stdout = in_process(model, text_file, fresh, "--pruning.method", "sparsegpt", "--resume", "true")
+    assert error is None and "resuming after block 1" in stdout, error
