@@ -232,14 +232,16 @@ def test_a_killed_moe_run_resumes_bit_identical(moe_dirs, text_file, tmp_path, o
     uninterrupted resident run."""
     import signal
 
-    from test_resume import assert_same_output, run, weights
+    from test_resume import assert_same_output, in_process, run, weights
 
     args = ("--pruning.method", "sparsegpt")
-    run(moe_dirs["mixtral"], text_file, tmp_path / "whole", *args)
+    # only the kill needs a process of its own (tests/test_resume.py)
+    assert in_process(moe_dirs["mixtral"], text_file, tmp_path / "whole", *args)[0] is None
     out = tmp_path / "runs" / "out"
     killed = run(moe_dirs["mixtral"], text_file, out, *args, "--model.offload", offload, kill_after=0, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    run(moe_dirs["mixtral"], text_file, out, *args, "--model.offload", offload, "--resume", "true")
+    error, _ = in_process(moe_dirs["mixtral"], text_file, out, *args, "--model.offload", offload, "--resume", "true")
+    assert error is None, error
     assert_same_output(tmp_path / "whole", out)
     assert set(weights(out / "model")) == set(weights(moe_dirs["mixtral"]))  # block_sparse_moe.experts.E.w1 ...
     whole, resumed = (json.loads((d / "report.json").read_text()) for d in (tmp_path / "whole", out))
