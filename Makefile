@@ -22,13 +22,15 @@ run: $(STAMP)
 
 # One pytest worker per core, each with one torch thread: most tests are small models or processes of
 # their own that a second thread barely helps, and two workers' OpenMP threads on one core thrash.
+# worksteal: a worker that runs out takes queued tests from the other, so the suite does not end on
+# one worker finishing a queue of slow ones.
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 
 test: $(STAMP)
-	$(TEST_ENV) $(VENV)/bin/pytest -q -n auto --durations=40
+	$(TEST_ENV) $(VENV)/bin/pytest -q -n auto --dist worksteal --durations=40
 
 test-fast: $(STAMP)
-	$(TEST_ENV) $(VENV)/bin/pytest -q -n auto -m "not slow"
+	$(TEST_ENV) $(VENV)/bin/pytest -q -n auto --dist worksteal -m "not slow"
 
 assets: $(STAMP)
 	$(PY) cli.py assets

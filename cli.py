@@ -7,6 +7,7 @@ its name (LightningCLI's contract: the method's signature and docstring are its 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -167,10 +168,24 @@ COMMANDS = {
 
 
 class WandaCLI(LightningCLI):
+    only: Optional[str] = None  # the subcommand the command line names first: the one parser built
+
     @staticmethod
     def subcommands():
         ours = {name: command.skipped() for name, command in COMMANDS.items() if command.standalone is None}
         return {**LightningCLI.subcommands(), **ours}
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        """Only the named subcommand's parser: building all six is most of a run's start-up on a small
+        model (~1 s). Without a subcommand first (``--help``, a typo) every one is built, as Lightning does."""
+        if self.only not in self.subcommands():
+            return super()._add_subcommands(parser, **kwargs)
+        self._subcommand_parsers = {}
+        trainer_class = self.trainer_class
+        description = (inspect.getdoc(getattr(trainer_class, self.only)) or "").split("\n")[0]
+        sub_kwargs = {"description": description, **kwargs.get(self.only, {})}
+        self._subcommand_parsers[self.only] = self._prepare_subcommand_parser(trainer_class, self.only, **sub_kwargs)
+        parser.add_subcommands().add_subcommand(self.only, self._subcommand_parsers[self.only], help=description)
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -258,6 +273,8 @@ def _union_errors(message: str) -> Optional[str]:
 
 
 def _run_cli(args: Optional[list]) -> None:
+    argv = sys.argv[1:] if args is None else args
+    WandaCLI.only = argv[0] if argv else None
     WandaCLI(
         L.LightningModule,
         L.LightningDataModule,

@@ -345,6 +345,26 @@ def recipe_command(recipe: Path) -> str:
     return found.pop()
 
 
+def test_a_named_subcommand_builds_its_parser_alone_and_help_lists_them_all(monkeypatch):
+    """Building every subcommand's parser is most of a small run's start-up: a command line that names one
+    builds that one; without a subcommand (``--help``, a typo) all are built, so help and errors list them."""
+    import cli
+
+    built = []
+    real = cli.WandaCLI._prepare_subcommand_parser
+    monkeypatch.setattr(cli.WandaCLI, "_prepare_subcommand_parser",
+                        lambda self, klass, sub, **kw: built.append(sub) or real(self, klass, sub, **kw))
+    error, shown = run_cli(["prune", "--help"])
+    assert error is None and "--pruning.sparsity_ratio" in shown
+    assert built == ["prune"]
+    built.clear()
+    error, shown = run_cli(["--help"])
+    assert error is None and built == list(cli.WandaCLI.subcommands())
+    assert all(name in shown for name in ("fit", "prune", "sweep", "validate"))
+    error, _ = run_cli(["prnue"])
+    assert error.startswith("exit 2") and "'prnue'" in error and "'prune'" in error, error
+
+
 def test_every_recipe_parses():
     recipes = sorted((ROOT / "configs").glob("**/*.yaml"))
     command_of = {}
