@@ -238,6 +238,18 @@ def test_opt_and_gpt2_width_equals_the_channels_zeroed_and_reloads(tiny_dirs, te
         assert not torch.equal(bias(back), bias(zeroed))
 
 
+def test_the_report_table_names_gpt2_s_two_c_proj_apart():
+    """GPT-2 calls attention's output and the MLP's consumer both ``c_proj``: one column each, named apart."""
+    from wanda_pl.commands.report import sparsity_table
+
+    layers = {f"transformer.h.{i}.{t}": 0.1 * i for i in range(2)
+              for t in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    head = sparsity_table(layers).splitlines()[0].split()
+    assert head == ["block", "c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
+    llama = sparsity_table({f"model.layers.0.{t}": 0.5 for t in ("self_attn.q_proj", "mlp.down_proj")})
+    assert llama.splitlines()[0].split() == ["block", "q_proj", "down_proj"]
+
+
 @pytest.mark.parametrize("family", IMPLIED_HEADS)
 def test_opt_and_gpt2_depth_equals_the_blocks_skipped_and_reloads(tiny_dirs, text_file, tmp_path, family):
     _, _, blocks, _, _, _ = IMPLIED_HEADS[family]

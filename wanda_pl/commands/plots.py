@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, List, Mapping, Optional, Sequence
 
-from .report import atomic_write, block_grid
+from .report import atomic_write, block_grid, column_names
 
 DPI = 100
 METRIC_SIZE = (8.0, 5.0)  # inches: 800 x 500 pixels
@@ -53,7 +53,7 @@ def layers_png(path, actual: Mapping[str, float], planned: Optional[Mapping[str,
         cells = [[grid.get(b, {}).get(t, float("nan")) for t in types] for b in blocks]
         image = ax.imshow(cells, cmap="viridis", vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
         ax.set_title(label if layers else f"{label}: not recorded", fontsize=9)
-        ax.set_xticks(range(len(types)), [t.split(".")[-1] for t in types], rotation=60, fontsize=7, ha="right")
+        ax.set_xticks(range(len(types)), column_names(types), rotation=60, fontsize=7, ha="right")
         ax.set_yticks(range(len(blocks)), [b.split(".")[-1] for b in blocks], fontsize=6)
         ax.set_ylabel("block", fontsize=8)
     fig.colorbar(image, ax=list(axes[0]), label="sparsity", shrink=0.9)

@@ -106,14 +106,23 @@ def block_grid(layers: Mapping[str, float]) -> Tuple[List[str], List[str], Dict[
     return list(rows), list(cols), rows
 
 
+def column_names(types: List[str]) -> List[str]:
+    """A short header per layer type: its last name part, or the last two where the last is shared
+    (GPT-2's ``attn.c_proj`` and ``mlp.c_proj``)."""
+    last = [t.split(".")[-1] for t in types]
+    return [".".join(t.split(".")[-2:]) if last.count(short) > 1 else short for t, short in zip(types, last)]
+
+
 def sparsity_table(layers: Mapping[str, float]) -> str:
     """Per-layer sparsity as a block x layer-type grid (one row per block)."""
     blocks, names, rows = block_grid(layers)
     width = max([len("block")] + [len(b) for b in blocks])
-    head = "block".ljust(width) + "".join(f" {c.split('.')[-1][:9]:>9}" for c in names)
+    cell = max([9] + [len(c) for c in column_names(names)])
+    head = "block".ljust(width) + "".join(f" {c:>{cell}}" for c in column_names(names))
     lines = [head, "-" * len(head)]
     for block, vals in rows.items():
-        lines.append(block.ljust(width) + "".join(f" {vals[c]:>9.4f}" if c in vals else f" {'-':>9}" for c in names))
+        lines.append(block.ljust(width) + "".join(f" {vals[c]:>{cell}.4f}" if c in vals else f" {'-':>{cell}}"
+                                                  for c in names))
     return "\n".join(lines)
 
 

@@ -63,9 +63,14 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def kv_groups_of(config) -> int:
+    """KV groups (key/value heads; as many as the query heads without grouped-query attention)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def group_of(config) -> int:
     """Query heads per KV group (grouped-query attention; 1 without it)."""
-    return config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    return config.num_attention_heads // kv_groups_of(config)
 
 
 def layout_of(config) -> Layout:

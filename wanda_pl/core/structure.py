@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .layers import kind_of, weight_matrix
 from .layers.conv1d import CONV1D
-from .layouts import GPT2, LAYOUTS, LLAMA, OPT, Layout, group_of, head_dim_of, layout_of, path, width_of  # noqa: F401  (the table's users import here)
+from .layouts import GPT2, LAYOUTS, LLAMA, OPT, Layout, group_of, head_dim_of, kv_groups_of, layout_of, path, width_of  # noqa: F401  (the table's users import here)
 
 SCORES = ("magnitude", "wanda", "flap")
 
@@ -259,7 +259,7 @@ class Structure:
         if self.heads and layout.heads_refused:
             raise ValueError(f"pruning.width_heads {self.heads:g}: {layout.heads_refused}; set pruning.width_heads 0 "
                              "(MLP channels only)")
-        groups = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        groups = kv_groups_of(config)
         keep = {"channels": channels - round(self.mlp * channels), "kv_groups": groups - round(self.heads * groups)}
         if keep["channels"] < 1:
             raise ValueError(f"pruning.width_mlp {self.mlp:g} leaves no MLP channel of {channels} in a block")
