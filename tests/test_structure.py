@@ -272,6 +272,9 @@ def test_opt_and_gpt2_refuse_width_heads_before_any_work(tiny_dirs, text_file, t
     error, _ = run_cli(base_args(tiny_dirs[family], text_file, tmp_path / "sub" / "out", "--pruning.structure", "width",
                                  "--pruning.width_mlp", "0.25", "--pruning.width_heads", "0.25"))
     assert error is not None and IMPLIED_HEADS[family][1] in error and "set pruning.width_heads 0" in error, error
+    # left unset, width_heads is the ratio: the message says where the value came from
+    error, _ = run_cli(base_args(tiny_dirs[family], text_file, tmp_path / "sub" / "out", "--pruning.structure", "width"))
+    assert error is not None and "width_heads 0.5" in error and "left unset, width_heads is sparsity_ratio" in error
     assert count_validations == [] and not (tmp_path / "sub").exists()
 
 

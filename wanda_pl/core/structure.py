@@ -258,7 +258,7 @@ class Structure:
         channels = width_of(config, layout)
         if self.heads and layout.heads_refused:
             raise ValueError(f"pruning.width_heads {self.heads:g}: {layout.heads_refused}; set pruning.width_heads 0 "
-                             "(MLP channels only)")
+                             "(MLP channels only; left unset, width_heads is sparsity_ratio)")
         groups = kv_groups_of(config)
         keep = {"channels": channels - round(self.mlp * channels), "kv_groups": groups - round(self.heads * groups)}
         if keep["channels"] < 1:
