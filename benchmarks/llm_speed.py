@@ -8,7 +8,9 @@ Each measurement runs in its own process, so its peak memory (RSS) is its own. M
     python benchmarks/llm_speed.py --nsamples 32 --seqlen 1024 --repeats 3
 
 ``--inference NAME=MODEL ...``: what a pruned model buys at inference instead, on this machine: prefill
-tokens/s (batch 1 x 512 and 8 x 512) and decode tokens/s (batch 1, 128 new tokens with the KV cache) of
+tokens/s (batch 1 x 512 and 8 x 512, as ``generate`` runs it: the KV cache filled, the last position's logits
+only), decode tokens/s (batch 1, 128 new tokens with the KV cache) and scoring tokens/s (8 x 512, every
+position's logits, as perplexity and zero-shot need) of
 each model (an embedded name or a saved folder), all loaded at once and timed in turn (dense, then each
 pruned one, then again), medians of ``--repeats`` rounds, each as a ratio to the first:
 
@@ -57,8 +59,16 @@ def measure(part: str, args) -> dict:
     return {"seconds": seconds, **peak_memory()}
 
 
+PARTS = ("prefill 1", "prefill 8", "decode", "score 8")
+
+
 def inference(models: dict, repeats: int, prefill: int = 512, new_tokens: int = 128) -> list:
-    """Rows of prefill and decode tokens/s per model, alternating models within each round."""
+    """Rows of prefill, decode and scoring tokens/s per model, alternating models within each round.
+
+    Prefill is what ``generate`` runs before the first new token: the KV cache filled and the logits of
+    the last position only (``logits_to_keep=1``, as ``generate`` sets it). Scoring (perplexity,
+    zero-shot) needs every position's logits: the vocabulary projection of all 512 tokens is a fixed
+    cost that structured pruning does not shrink, so it gets its own column."""
     import torch
 
     from common import Runner  # noqa: F401  (sets up sys.path and HF_HUB_OFFLINE)
@@ -66,25 +76,33 @@ def inference(models: dict, repeats: int, prefill: int = 512, new_tokens: int = 
 
     loaded = {name: CausalLM(path).model.eval() for name, path in models.items()}
     ids = torch.randint(100, 10000, (8, prefill), generator=torch.Generator().manual_seed(0))
-    times = {name: {"prefill 1": [], "prefill 8": [], "decode": []} for name in loaded}
+    times = {name: {part: [] for part in PARTS} for name in loaded}
+
+    def timed(part, tokens, fn):
+        t0 = time.perf_counter()
+        fn()
+        return part, tokens / (time.perf_counter() - t0)
+
     with torch.no_grad():
         for round_ in range(repeats + 1):  # round 0 warms up (allocator, kernels' first calls) and is dropped
             for name, model in loaded.items():
-                for batch in (1, 8):
-                    t0 = time.perf_counter()
-                    model(input_ids=ids[:batch], use_cache=False)
-                    if round_:
-                        times[name][f"prefill {batch}"].append(batch * prefill / (time.perf_counter() - t0))
-                t0 = time.perf_counter()
-                out = model.generate(ids[:1, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                     do_sample=False, use_cache=True)
+                measured = [timed(f"prefill {b}", b * prefill,
+                                  lambda b=b: model(input_ids=ids[:b], use_cache=True, logits_to_keep=1))
+                            for b in (1, 8)]
+                out = []
+                measured.append(timed("decode", new_tokens, lambda: out.append(model.generate(
+                    ids[:1, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                    use_cache=True))))
+                assert out[0].shape[1] == 16 + new_tokens
+                measured.append(timed("score 8", 8 * prefill, lambda: model(input_ids=ids, use_cache=False)))
                 if round_:
-                    times[name]["decode"].append((out.shape[1] - 16) / (time.perf_counter() - t0))
+                    for part, rate in measured:
+                        times[name][part].append(rate)
     base = next(iter(times.values()))
     rows = []
     for name, t in times.items():
         cells = []
-        for key in ("prefill 1", "prefill 8", "decode"):
+        for key in PARTS:
             m, b = statistics.median(t[key]), statistics.median(base[key])
             cells.append(f"{m:.0f} ({m / b:.2f}x)")
         params = sum(p.numel() for p in loaded[name].parameters())
@@ -92,6 +110,12 @@ def inference(models: dict, repeats: int, prefill: int = 512, new_tokens: int = 
         rows.append(f"| {name} | {params / 1e6:.1f}M ({zeros / params:.1%} zeros) | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     return rows
+
+
+SPEED_HEADER = ("| model | parameters | prefill tok/s, 1 x 512 | prefill tok/s, 8 x 512 | decode tok/s, 1 x 128 new | "
+                "scoring tok/s, 8 x 512 (all logits) |")
+SPEED_ORDER = ("every model once per round, in the order given; one warm-up round dropped; medians over rounds; "
+               "prefill as generate runs it (KV cache, last position's logits only), scoring with every position's")
 
 
 def main() -> None:
@@ -114,10 +138,9 @@ def main() -> None:
 
         models = dict(m.split("=", 1) for m in args.inference)
         rows = inference(models, args.repeats)
-        write_table(args.name, "| model | parameters | prefill tok/s, 1 x 512 | prefill tok/s, 8 x 512 | "
-                    "decode tok/s, 1 x 128 new |", rows,
+        write_table(args.name, SPEED_HEADER, rows,
                     {"models": models, "repeats": args.repeats, "threads": torch.get_num_threads(),
-                     "order": "every model once per round, in the order given; one warm-up round dropped; medians over rounds",
+                     "order": SPEED_ORDER,
                      "versions": versions()})
         return
     if args.part:

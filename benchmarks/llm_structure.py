@@ -25,7 +25,7 @@ from common import in_child, perplexity_on, trainer, write_table, settings_of
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from llm_speed import inference  # noqa: E402
+from llm_speed import SPEED_HEADER, SPEED_ORDER, inference  # noqa: E402
 from wanda_pl.callbacks import Calibration, Distillation, Pruning  # noqa: E402
 from wanda_pl.commands.fit import fit_and_report  # noqa: E402
 from wanda_pl.commands.sweep import Grid, sweep  # noqa: E402
@@ -101,9 +101,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--zero-shot-limit", type=int, default=100, help="documents per task; 0: no zero-shot")
-    ap.add_argument("--repeats", type=int, default=5, help="timed speed rounds (after one warm-up round)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed speed rounds (after one warm-up round); 0: no speed table (time the kept models later, quiet)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--zero-shot-points", nargs="*", help="the points that get zero-shot (unset: every one)")
+    ap.add_argument("--zero-shot-points", nargs="*", help="the points that get zero-shot, 'dense' for the dense model (unset: every one)")
     ap.add_argument("--out", help="a folder to keep the sweep in (a rerun with the same settings resumes it)")
     ap.add_argument("--name", default="llm_structure", help="results/<name>.md")
     args = ap.parse_args()
@@ -116,14 +116,16 @@ def main() -> None:
         tmp = args.out or scratch
         t0 = time.perf_counter()
         summary = sweep(trainer([Calibration(), Pruning(args.score, width_heads=args.heads,
-                                                                     width_multiple=args.width_multiple)]), module, _data(args),
+                                                                     width_multiple=args.width_multiple,
+                                                                     structure="width" if widths else "none")]), module, _data(args),
                         Grid([args.score], widths, structures=structures, blocks=args.blocks or None),
                         str(Path(tmp) / "sweep"), save_model=True)
         print(f"sweep: {time.perf_counter() - t0:.0f} s", flush=True)
         dense = summary["dense"]["ppl"]
         del module
         dense_news = perplexity_on(CausalLM(args.model), "news", args.seqlen, args.eval_windows)
-        rows = [f"| dense | 0 | {dense:.2f} | {dense_news:.2f} | {_zs(args, args.model)} | - | - | - | - |"]
+        dense_zs = _zs(args, args.model) if args.zero_shot_points is None or "dense" in args.zero_shot_points else "-"
+        rows = [f"| dense | 0 | {dense:.2f} | {dense_news:.2f} | {dense_zs} | - | - | - | - |"]
         speed_models, last = {"dense": args.model}, None
         for row in summary["rows"]:
             folder = Path(tmp) / "sweep" / row["point"] / "model"
@@ -140,17 +142,16 @@ def main() -> None:
                         f"{prune_s:.0f} / {time.perf_counter() - t0:.0f} |")
             print(rows[-1], flush=True)
             speed_models[row["point"]] = str(folder)
-        speed = inference(speed_models, args.repeats)
+        speed = inference(speed_models, args.repeats) if args.repeats else []
     header = ("| model | parameters removed | ppl | news ppl | zero-shot mean acc | ppl after distillation | "
               "news ppl after | zero-shot after | prune s / distill s |")
-    rows += ["", "| model | parameters | prefill tok/s, 1 x 512 | prefill tok/s, 8 x 512 | decode tok/s, 1 x 128 new |",
-             "|---|---|---|---|---|"] + speed
+    rows += [] if not speed else ["", SPEED_HEADER, "|---|---|---|---|---|---|"] + speed
     write_table(args.name, header, rows, settings_of(
         {**(last or {}), "model": args.model}, score=args.score, shares=args.shares, mlp_widths=widths,
         width_multiple=args.width_multiple, heads=args.heads, blocks=args.blocks, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         loss=args.loss, weight=args.weight, temperature=args.temperature, zero_shot_limit=args.zero_shot_limit,
         zero_shot_points=args.zero_shot_points or "all", repeats=args.repeats, threads=args.threads,
-        speed="every model once per round, one warm-up round dropped, medians; ratios to dense"))
+        speed=SPEED_ORDER + "; ratios to dense"))
 
 
 if __name__ == "__main__":
