@@ -104,7 +104,7 @@ def inference(models: dict, repeats: int, prefill: int = 512, new_tokens: int = 
         cells = []
         for key in PARTS:
             m, b = statistics.median(t[key]), statistics.median(base[key])
-            cells.append(f"{m:.0f} ({m / b:.2f}x)")
+            cells.append(f"{m:.3g} ({m / b:.2f}x)")
         params = sum(p.numel() for p in loaded[name].parameters())
         zeros = sum(int((p == 0).sum()) for p in loaded[name].parameters())
         rows.append(f"| {name} | {params / 1e6:.1f}M ({zeros / params:.1%} zeros) | " + " | ".join(cells) + " |")
