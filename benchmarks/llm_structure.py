@@ -132,6 +132,7 @@ def main() -> None:
             news = perplexity_on(CausalLM(str(folder)), "news", args.seqlen, args.eval_windows)
             t0 = time.perf_counter()
             last = in_child(_fit, args, folder, Path(tmp) / f"fit-{row['point']}")
+            distill_s = time.perf_counter() - t0
             tuned = Path(tmp) / f"fit-{row['point']}" / "model"
             after = last["metrics"]["ppl"]["after"]
             prune_s = row.get("time_calibration_s", 0) + row.get("time_prune_s", 0)
@@ -139,7 +140,7 @@ def main() -> None:
             rows.append(f"| {row['point']} | {row['parameters_removed']:.1%} | {row['ppl']:.2f} | {news:.2f} | "
                         f"{_zs(args, str(folder)) if zs else '-'} | {after:.2f} | {last['news']:.2f} | "
                         f"{_zs(args, str(tuned)) if zs else '-'} | "
-                        f"{prune_s:.0f} / {time.perf_counter() - t0:.0f} |")
+                        f"{prune_s:.0f} / {distill_s:.0f} |")
             print(rows[-1], flush=True)
             speed_models[row["point"]] = str(folder)
         speed = inference(speed_models, args.repeats) if args.repeats else []
