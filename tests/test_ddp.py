@@ -25,12 +25,26 @@ def run(model_dir, text_file, out, *extra, probe=None):
     """The report of a run of the command: two ranks in processes of their own, one process in this one
     (a process start costs about as much as the tiny run itself)."""
     if "--trainer.devices" not in extra:
+        import wanda_pl.core.engine as engine
         from conftest import run_cli
 
-        assert probe is None, "the probe counts samples in processes it is loaded into"
-        error, _ = run_cli(["prune", "--model.name_or_path", str(model_dir), "--data.calibration", str(text_file),
-                            "--data.evaluation", str(text_file), *ARGS, "--output_dir", str(out), *extra])
+        real, seen = engine._calibrate_and_prune, []
+
+        def counting(block, targets, inputs, *args, **kwargs):  # tests/probe/sitecustomize.py, in this process
+            if not seen:
+                seen.append(sum(int(inp.hidden.shape[0]) for inp in inputs))
+            return real(block, targets, inputs, *args, **kwargs)
+
+        engine._calibrate_and_prune = counting
+        try:
+            error, _ = run_cli(["prune", "--model.name_or_path", str(model_dir), "--data.calibration", str(text_file),
+                                "--data.evaluation", str(text_file), *ARGS, "--output_dir", str(out), *extra])
+        finally:
+            engine._calibrate_and_prune = real
         assert error is None, error
+        if probe is not None:
+            probe.mkdir()
+            (probe / "rank0.json").write_text(json.dumps({"samples": seen[0]}))
         return json.loads((out / "report.json").read_text())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": f"{PROBE}{os.pathsep}{ROOT}"}
@@ -60,7 +74,7 @@ BEYOND = ("--pruning.refine", "dsnot", "--pruning.update", "admm", "--pruning.al
 def test_data_parallel_calibration_matches_one_process(tiny_dirs, text_file, tmp_path, method):
     """(the last: OWL's dense pass, DSnoT's means and ADMM's X^T X summed over the ranks as well)"""
     args = ("--pruning.method", "wanda", *BEYOND) if "+" in method else ("--pruning.method", method)
-    one = run(tiny_dirs["llama"], text_file, tmp_path / "one", *args)
+    one = run(tiny_dirs["llama"], text_file, tmp_path / "one", *args, probe=tmp_path / "p1")
     two = run(tiny_dirs["llama"], text_file, tmp_path / "two", *args,
               "--trainer.strategy", "ddp", "--trainer.devices", "2", probe=tmp_path / "p2")
     assert one["devices"] == 1 and two["devices"] == 2
@@ -68,6 +82,7 @@ def test_data_parallel_calibration_matches_one_process(tiny_dirs, text_file, tmp
     # what each rank really ran through the first block: its share, not all 5 samples
     seen = {p.name: json.loads(p.read_text())["samples"] for p in (tmp_path / "p2").iterdir()}
     assert seen == {"rank0.json": 3, "rank1.json": 2}
+    assert json.loads((tmp_path / "p1" / "rank0.json").read_text())["samples"] == 5
     assert one["eval_windows"] == two["eval_windows"] == 5
     ppl_one, ppl_two = one["metrics"]["ppl"], two["metrics"]["ppl"]
     assert ppl_one["dense"] == pytest.approx(ppl_two["dense"], rel=1e-5)
@@ -90,7 +105,7 @@ def test_data_parallel_calibration_matches_one_process(tiny_dirs, text_file, tmp
     if "+" in method:
         assert one["layers_planned"] == two["layers_planned"]  # OWL's plan from the summed dense pass
     # rank 0 alone wrote a complete output, nothing partial next to it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "p2", "two"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "p1", "p2", "two"]
     assert {"report.json", "calibration_ids.pt", "model"} <= {p.name for p in (tmp_path / "two").iterdir()}
 
 
